@@ -1,0 +1,437 @@
+r"""Adafactor: Adam-like steps with a factored (O(m+n)) second moment.
+
+Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory
+Cost" (ICML 2018), with the knobs of the later variants (big_vision / optax /
+timm: factor the two largest dims, ``min_dim_size_to_factor``, β₂ cap,
+low-precision momentum). For a gradient :math:`G` factored over dims
+(row, col) — an :math:`m\times n` matrix, with any other dims kept as batch:
+
+.. math::
+    \hat\beta_{2,t} &= \min(1 - t^{c},\ \beta_{2,\max}) \qquad (c = \text{decay\_rate} = -0.8)\\
+    R_t &= \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{col}(G^2 + \epsilon_1)
+        \quad (m)\\
+    C_t &= \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{row}(G^2 + \epsilon_1)
+        \quad (n)\\
+    \hat V_t &= R_t C_t^\top / \operatorname{mean}(R_t), \qquad U_t = G / \sqrt{\hat V_t}\\
+    \hat U_t &= U_t / \max(1, \operatorname{RMS}(U_t)/d) \qquad (d = \text{clip\_threshold})\\
+    \alpha_t &= \rho_t \cdot \max(\epsilon_2, \operatorname{RMS}(W_{t-1}))
+        \quad\text{(parameter scaling; } \alpha_t = \rho_t \text{ without)}\\
+    \rho_t &= \min(\text{lr} \text{ or } 10^{-2},\ 1/\sqrt t) \quad\text{(relative step; }
+        \min(10^{-6} t, 1/\sqrt t) \text{ with warmup\_init; } \rho_t = \text{lr without)}\\
+    M_t &= \beta_1 M_{t-1} + (1-\beta_1)\,\alpha_t \hat U_t
+        \quad\text{(only if beta1 is set; } M_t = \alpha_t\hat U_t \text{ otherwise)}\\
+    W_t &= W_{t-1}(1 - \lambda\alpha_t) - M_t.
+
+Tensors that are not factored (vectors, scalars, and tensors whose second
+largest dim is below ``min_dim_size_to_factor``) keep the full
+:math:`V_t` (EMA of :math:`G^2 + \epsilon_1`).
+
+Cost per step: a few elementwise passes over each gradient plus two
+reductions; memory :math:`m + n` per factored matrix (times the other dims),
+plus the momentum if ``beta1`` is set. No host synchronisation per
+parameter: the step counters live on the CPU and are read once per group; the
+RMS values and the clipping factor stay tensors.
+
+The math is exposed as functions on lists of tensors
+(:func:`adafactor_precondition_`, :func:`clip_by_rms_`, :func:`param_scale`,
+:func:`relative_step_size`) so :class:`~matrixopt.optim.GaLoreAdafactor` runs
+the same code on projected gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+
+__all__ = [
+    "Adafactor",
+    "factored_dims",
+    "init_adafactor_state",
+    "adafactor_precondition_",
+    "clip_by_rms_",
+    "param_scale",
+    "relative_step_size",
+    "beta2_schedule",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------
+# math as functions (shared with GaLoreAdafactor)
+# ----------------------------------------------------------------------------
+def factored_dims(shape: Sequence[int], min_dim_size_to_factor: int = 1
+                  ) -> tuple[int, int] | None:
+    """The dims ``(row_dim, col_dim)`` (``row_dim < col_dim``) Adafactor factors over.
+
+    The two largest dims, ties going to the earlier dim, so a conv weight
+    ``[out, in, kh, kw]`` is factored over ``out`` and ``in`` (not over the
+    kernel dims, as torch.optim.Adafactor does). ``None`` (keep the full second
+    moment) for tensors with fewer than 2 dims or whose second largest dim is
+    below ``min_dim_size_to_factor``.
+    """
+    if len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda d: (-int(shape[d]), d))
+    a, b = order[0], order[1]
+    if int(shape[b]) < min_dim_size_to_factor:
+        return None
+    return (a, b) if a < b else (b, a)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the second-moment statistics: at least float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, int] | None,
+                         beta1: float | None, momentum_dtype: torch.dtype | None) -> None:
+    """Create Adafactor state for a gradient shaped like ``like``.
+
+    Keys: ``step`` (float32 CPU scalar tensor); ``exp_avg_sq_row`` (size 1 at
+    ``col_dim``) and ``exp_avg_sq_col`` (size 1 at ``row_dim``) when factored,
+    else ``exp_avg_sq``; ``exp_avg`` (in ``momentum_dtype``, default the
+    tensor's dtype) when ``beta1`` is set.
+    """
+    sd = stat_dtype(like.dtype)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    if dims is not None:
+        row_dim, col_dim = dims
+        rshape = list(like.shape)
+        rshape[col_dim] = 1
+        cshape = list(like.shape)
+        cshape[row_dim] = 1
+        state["exp_avg_sq_row"] = torch.zeros(rshape, dtype=sd, device=like.device)
+        state["exp_avg_sq_col"] = torch.zeros(cshape, dtype=sd, device=like.device)
+    else:
+        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=sd, device=like.device)
+    if beta1 is not None:
+        state["exp_avg"] = torch.zeros(like.shape, dtype=momentum_dtype or like.dtype,
+                                       device=like.device)
+
+
+def beta2_schedule(t: float, decay_rate: float, beta2_cap: float | None) -> float:
+    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``)."""
+    b = 1.0 - t ** decay_rate
+    return b if beta2_cap is None else min(b, beta2_cap)
+
+
+def relative_step_size(t: float, lr: float | None, relative_step: bool, warmup_init: bool
+                       ) -> float:
+    r""":math:`\rho_t`: ``lr`` (fixed step) or the relative step
+    :math:`\min(\text{lr or } 10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
+    ``warmup_init``)."""
+    if not relative_step:
+        assert lr is not None
+        return lr
+    cap = 1e-6 * t if warmup_init else (1e-2 if lr is None else lr)
+    return min(cap, 1.0 / math.sqrt(t))
+
+
+def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
+                            cols: list[Tensor | None], sqs: list[Tensor | None],
+                            dims: list[tuple[int, int] | None], beta2s: list[float],
+                            eps1: float) -> list[Tensor]:
+    r"""Update the second-moment statistics in place; return :math:`G/\sqrt{\hat V}` (new tensors).
+
+    For entry ``i``: if ``dims[i]`` is ``(row_dim, col_dim)``, ``rows[i]`` and
+    ``cols[i]`` are the factored statistics (``sqs[i]`` unused); otherwise
+    ``sqs[i]`` is the full second moment. ``grads`` are read, never written;
+    they may have a lower precision than the statistics (computed in the
+    statistics' dtype). Cost: two norms along dims plus three elementwise passes
+    per factored tensor.
+    """
+    out: list[Tensor] = []
+    for g, r, c, v, d, b2 in zip(grads, rows, cols, sqs, dims, beta2s):
+        w = 1.0 - b2
+        if d is not None:
+            assert r is not None and c is not None
+            row_dim, col_dim = d
+            gs = g.to(r.dtype)
+            # mean(G^2 + eps1) along a dim without materialising G^2
+            rm = torch.linalg.vector_norm(gs, dim=col_dim, keepdim=True).square_()
+            r.lerp_(rm.div_(g.shape[col_dim]).add_(eps1), w)
+            cm = torch.linalg.vector_norm(gs, dim=row_dim, keepdim=True).square_()
+            c.lerp_(cm.div_(g.shape[row_dim]).add_(eps1), w)
+            # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice
+            r_factor = (r / r.mean(dim=row_dim, keepdim=True)).rsqrt_()
+            u = torch.mul(r_factor, c.rsqrt()).mul_(gs)
+        else:
+            assert v is not None
+            gs = g.to(v.dtype)
+            v.lerp_(gs.square().add_(eps1), w)
+            u = v.rsqrt().mul_(gs)
+        out.append(u)
+    return out
+
+
+def clip_by_rms_(updates: list[Tensor], threshold: float | None) -> None:
+    r"""In place: :math:`U \leftarrow U / \max(1, \operatorname{RMS}(U)/d)` (no host sync)."""
+    if threshold is None or not updates:
+        return
+    norms = torch._foreach_norm(updates)
+    torch._foreach_div_(norms, [threshold * math.sqrt(max(1, u.numel())) for u in updates])
+    torch._foreach_clamp_min_(norms, 1.0)
+    torch._foreach_div_(updates, norms)
+
+
+def param_scale(params: list[Tensor], eps2: float) -> list[Tensor]:
+    r""":math:`\max(\epsilon_2, \operatorname{RMS}(W))` per parameter, as 0-dim tensors on its device."""
+    norms = torch._foreach_norm(params)
+    norms = [n.to(stat_dtype(p.dtype)) for n, p in zip(norms, params)]
+    torch._foreach_div_(norms, [math.sqrt(max(1, p.numel())) for p in params])
+    torch._foreach_clamp_min_(norms, eps2)
+    return list(norms)
+
+
+def _float(x: float | Tensor | None) -> float | None:
+    if x is None:
+        return None
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+# ----------------------------------------------------------------------------
+# the optimizer
+# ----------------------------------------------------------------------------
+class Adafactor(MatrixOptimizer):
+    r"""Adafactor with Hugging Face's argument names and semantics.
+
+    Replaces ``transformers.optimization.Adafactor`` (same arguments, same
+    defaults, same update) and covers ``torch.optim.Adafactor``::
+
+        opt = Adafactor(model.parameters())                        # HF defaults: relative step
+        opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False,
+                        scale_parameter=False, beta2_cap=0.999)    # "modern" fixed-lr variant
+
+    Args:
+        params: parameters or parameter groups.
+        lr: external learning rate. ``None`` (default) requires
+            ``relative_step=True``. With ``relative_step=True`` a given ``lr`` caps
+            the relative step, :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)` —
+            torch.optim.Adafactor's rule (Hugging Face raises instead).
+        eps: :math:`(\epsilon_1, \epsilon_2)`: regulariser added to :math:`G^2`
+            (default 1e-30) and floor of the parameter RMS in parameter scaling
+            (default 1e-3).
+        clip_threshold: :math:`d` in the update clipping
+            :math:`U/\max(1, \operatorname{RMS}(U)/d)` (default 1.0; ``None``
+            disables clipping).
+        decay_rate: :math:`c` in :math:`\hat\beta_{2,t} = 1 - t^{c}` (default -0.8).
+        beta1: momentum coefficient (default ``None``: no momentum, no memory for it).
+        weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the
+            step size :math:`\alpha_t` (as Hugging Face) (default 0).
+        scale_parameter: multiply the step by :math:`\max(\epsilon_2, \operatorname{RMS}(W))`
+            (default True).
+        relative_step: time-dependent step :math:`\rho_t` (default True).
+        warmup_init: :math:`\rho_t = \min(10^{-6} t, 1/\sqrt t)` (needs
+            ``relative_step=True`` and ``lr=None``) (default False).
+        min_dim_size_to_factor: factor only tensors whose second largest dim is
+            at least this (default 1: every tensor with ≥ 2 dims, as Hugging
+            Face; optax/big_vision use 128).
+        beta2_cap: upper bound on :math:`\hat\beta_{2,t}` (default ``None``, as
+            Hugging Face; 0.999 in big_vision/optax).
+        momentum_dtype: dtype of the momentum buffer (default ``None``: the
+            parameter's; ``torch.bfloat16`` halves its memory).
+
+    The factored dims are the two largest (:func:`factored_dims`), so a conv
+    weight ``[out, in, kh, kw]`` keeps statistics of sizes ``out·kh·kw`` and
+    ``in·kh·kw``. Statistics are kept in float32 (float64 for float64
+    parameters); bf16/fp16 parameters are updated through a float32 copy.
+
+    State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
+    ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with
+    ``beta1``. ``step()`` never modifies ``p.grad``; parameters whose grad is
+    ``None`` are not touched.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float | None = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        min_dim_size_to_factor: int = 1,
+        beta2_cap: float | None = None,
+        momentum_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter,
+            relative_step=relative_step, warmup_init=warmup_init,
+            min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
+            momentum_dtype=momentum_dtype,
+        )
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ checks
+    def _check_group(self, check: _GroupChecker) -> None:
+        check_adafactor_group(check)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, but keep every state tensor's saved dtype (see
+        :func:`load_state_keeping_dtypes`)."""
+        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
+        loss = closure_loss(closure)
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            dims: list[tuple[int, int] | None] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grads.append(check_grad(p, "Adafactor", index))
+                params.append(p)
+                d = factored_dims(p.shape, group["min_dim_size_to_factor"])
+                state = self.state[p]
+                if "step" not in state:
+                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"])
+                elif ("exp_avg_sq_row" in state) != (d is not None):
+                    raise RuntimeError(
+                        f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
+                        f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
+                        f"factoring; min_dim_size_to_factor cannot change during training")
+                dims.append(d)
+            if params:
+                states = [self.state[p] for p in params]
+                adafactor_update_(params, grads, states, dims, group)
+        return loss
+
+
+def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, Any],
+                              load: Callable[[dict[str, Any]], None]) -> None:
+    """Run torch's ``load_state_dict`` (``load``), then put back the saved state tensors.
+
+    torch casts every floating state tensor to its parameter's dtype on load,
+    which would silently turn float32 statistics of a bf16 parameter into bf16
+    (losing precision) and a bf16 momentum of a float32 parameter into float32
+    (doubling its memory). Here each tensor keeps the dtype it was saved with
+    and only moves to its parameter's device; ``step`` stays where torch puts it.
+    """
+    load(state_dict)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved = state_dict["state"]
+    for pid, p in zip(ids, params):
+        if pid not in saved or p not in opt.state:
+            continue
+        st = opt.state[p]
+        for k, v in saved[pid].items():
+            if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
+                    and st[k].dtype != v.dtype:
+                st[k] = v.to(device=p.device, copy=True)
+
+
+def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:
+    """Validate the Adafactor keys of a group (shared with GaLoreAdafactor)."""
+    g = check.group
+    check.number("lr", low=0.0, allow_none=True)
+    if g["lr"] is None and not g["relative_step"]:
+        raise check.fail("lr", "must be given when relative_step=False (lr=None means the "
+                               "relative step schedule)")
+    eps = g["eps"]
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+            and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                    and math.isfinite(e) and e >= 0 for e in eps)):
+        raise check.fail("eps", "must be a pair of finite numbers >= 0 (eps1, eps2)")
+    check.number("clip_threshold", low=0.0, low_open=True, allow_none=True)
+    check.number("decay_rate", high=0.0)
+    check.number("beta1", low=0.0, high=1.0, high_open=True, allow_none=True)
+    check.number("weight_decay", low=0.0)
+    check.boolean("scale_parameter")
+    check.boolean("relative_step")
+    check.boolean("warmup_init")
+    if g["warmup_init"] and (not g["relative_step"] or g["lr"] is not None):
+        raise check.fail("warmup_init", "needs relative_step=True and lr=None")
+    check.integer("min_dim_size_to_factor", low=1)
+    check.number("beta2_cap", low=0.0, high=1.0, high_open=True, allow_none=True)
+    check.dtype("momentum_dtype")
+
+
+def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Advance the CPU step counters; return (β̂₂ per tensor, ρ per tensor).
+
+    One ``tolist`` per group (the counters are CPU tensors: no device sync).
+    """
+    torch._foreach_add_(steps, 1.0)
+    ts = torch.stack(steps).tolist()
+    lr = _float(group["lr"])
+    decay, cap = float(group["decay_rate"]), _float(group["beta2_cap"])
+    beta2s = [beta2_schedule(t, decay, cap) for t in ts]
+    rhos = [relative_step_size(t, lr, group["relative_step"], group["warmup_init"]) for t in ts]
+    return beta2s, rhos
+
+
+def apply_update_(params: list[Tensor], updates: list[Tensor], alphas: list[Tensor] | list[float],
+                  weight_decay: float) -> None:
+    r""":math:`W \leftarrow W(1 - \lambda\alpha) - U` in place (``updates`` already scaled by α)."""
+    if weight_decay != 0.0:
+        if isinstance(alphas[0], Tensor):
+            factors = torch._foreach_mul(alphas, -weight_decay)  # type: ignore[arg-type]
+            torch._foreach_add_(factors, 1.0)
+            torch._foreach_mul_(params, [f.to(p.dtype) for f, p in zip(factors, params)])
+        else:
+            torch._foreach_mul_(params, [1.0 - weight_decay * a for a in alphas])  # type: ignore[operator]
+    torch._foreach_sub_(params, updates)
+
+
+def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
+                  ) -> list[Tensor] | list[float]:
+    r""":math:`\alpha_t = \rho_t\max(\epsilon_2, \operatorname{RMS}(W))` (tensors) or :math:`\rho_t` (floats)."""
+    if not group["scale_parameter"]:
+        return rhos
+    scales = param_scale(params, float(group["eps"][1]))
+    torch._foreach_mul_(scales, rhos)
+    return scales
+
+
+def momentum_(exp_avgs: list[Tensor], updates: list[Tensor], beta1: float) -> list[Tensor]:
+    """EMA of the (already α-scaled) updates, in the buffers' dtype; returns the buffers."""
+    torch._foreach_lerp_(exp_avgs, [u.to(m.dtype) for u, m in zip(updates, exp_avgs)],
+                         1.0 - beta1)
+    return exp_avgs
+
+
+def adafactor_update_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                      dims: list[tuple[int, int] | None], group: dict[str, Any]) -> None:
+    """One Adafactor step for the given parameters of ``group`` (state created)."""
+    beta2s, rhos = step_sizes([s["step"] for s in states], group)
+    updates = adafactor_precondition_(
+        grads,
+        [s.get("exp_avg_sq_row") for s in states],
+        [s.get("exp_avg_sq_col") for s in states],
+        [s.get("exp_avg_sq") for s in states],
+        dims, beta2s, float(group["eps"][0]),
+    )
+    clip_by_rms_(updates, _float(group["clip_threshold"]))
+    # bf16/fp16 parameters are updated through a float32 copy (as Hugging Face)
+    low = [p.dtype in _LOW_PRECISION for p in params]
+    work = [p.float() if lp else p for p, lp in zip(params, low)]
+    alphas = scaled_alphas(work, rhos, group)
+    torch._foreach_mul_(updates, alphas)
+    if group["beta1"] is not None:
+        bufs = momentum_([s["exp_avg"] for s in states], updates, float(group["beta1"]))
+        updates = [b.to(w.dtype) for b, w in zip(bufs, work)]
+    else:
+        updates = [u.to(w.dtype) for u, w in zip(updates, work)]
+    apply_update_(work, updates, alphas, float(group["weight_decay"]))
+    for p, w, lp in zip(params, work, low):
+        if lp:
+            p.copy_(w)
+
