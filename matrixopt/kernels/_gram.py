@@ -14,6 +14,12 @@ interpreter on for themselves without leaking it into other tests.
 
 Conventions shared with :mod:`._poly`:
 
+* the bodies call only Triton *builtins* (``tl.full``, not ``tl.zeros``; integer
+  ``//``, not ``tl.cdiv``): the ``triton.language.standard`` helpers are
+  themselves ``@triton.jit`` functions, decorated when triton is imported, and
+  the interpreter cannot call compiled-mode ones, so using them would tie the
+  interpreter mode to the moment triton was first imported;
+
 * batch offsets are computed as ``pid_b.to(int64) * stride``: a batch of
   ``[320, 2560, 3072]`` has element offsets beyond 2³¹, which wrap around in
   the default int32 index arithmetic;
@@ -78,7 +84,7 @@ def gram_kernel(
     ``batch · T(T+1)/2`` with ``T = cdiv(M, BLOCK)``.
     """
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(M, BLOCK)
+    n_tiles = (M + BLOCK - 1) // BLOCK
     tiles = n_tiles * (n_tiles + 1) // 2
     pid_b = pid // tiles
     t = pid % tiles
@@ -98,7 +104,7 @@ def gram_kernel(
     a_row_ok = rm[:, None] < M
     b_col_ok = rn[None, :] < M
 
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    acc = tl.full((BLOCK, BLOCK), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=a_row_ok & k_ok[None, :], other=0.0)
@@ -143,7 +149,7 @@ def sym_poly_kernel(
     symmetric.
     """
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(M, BLOCK)
+    n_tiles = (M + BLOCK - 1) // BLOCK
     tiles = n_tiles * (n_tiles + 1) // 2
     pid_b = pid // tiles
     t = pid % tiles
@@ -161,7 +167,7 @@ def sym_poly_kernel(
     row_ok = rm[:, None] < M
     col_ok = rn[None, :] < M
 
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    acc = tl.full((BLOCK, BLOCK), 0.0, tl.float32)
     for k0 in range(0, M, BLOCK_K):
         k_ok = rk < M - k0
         a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)

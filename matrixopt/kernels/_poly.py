@@ -55,8 +55,8 @@ def poly_kernel(
     panels of ``Q`` from L2.
     """
     pid = tl.program_id(0)
-    TILES_M = tl.cdiv(M, BLOCK_M)
-    TILES_N = tl.cdiv(N, BLOCK_N)
+    TILES_M = (M + BLOCK_M - 1) // BLOCK_M
+    TILES_N = (N + BLOCK_N - 1) // BLOCK_N
     tiles = TILES_M * TILES_N
     pid_b = pid // tiles
     t = pid % tiles
@@ -76,7 +76,7 @@ def poly_kernel(
     q_ptrs = (Q + pid_b.to(tl.int64) * stride_qb
               + rk.to(tl.int64)[:, None] * stride_qk + rn[None, :] * stride_qn)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         p = tl.load(p_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
