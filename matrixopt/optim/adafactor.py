@@ -33,7 +33,7 @@ parameter: the step counters live on the CPU and are read once per group; the
 RMS values and the clipping factor stay tensors.
 
 The math is exposed as functions on lists of tensors
-(:func:`adafactor_precondition_`, :func:`clip_by_rms_`, :func:`param_scale`,
+(:func:`adafactor_precondition_`, :func:`clip_factors`, :func:`param_scale`,
 :func:`relative_step_size`) so :class:`~matrixopt.optim.GaLoreAdafactor` runs
 the same code on projected gradients.
 """
@@ -54,7 +54,7 @@ __all__ = [
     "factored_dims",
     "init_adafactor_state",
     "adafactor_precondition_",
-    "clip_by_rms_",
+    "clip_factors",
     "param_scale",
     "relative_step_size",
     "beta2_schedule",
@@ -171,14 +171,19 @@ def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
     return out
 
 
-def clip_by_rms_(updates: list[Tensor], threshold: float | None) -> None:
-    r"""In place: :math:`U \leftarrow U / \max(1, \operatorname{RMS}(U)/d)` (no host sync)."""
+def clip_factors(updates: list[Tensor], threshold: float | None) -> list[Tensor] | None:
+    r""":math:`1/\max(1, \operatorname{RMS}(U)/d)` per tensor, as 0-dim tensors (no host sync).
+
+    ``None`` when ``threshold`` is ``None`` (clipping off). The factor is folded
+    into the step multiplier so the clipped update is never materialised.
+    """
     if threshold is None or not updates:
-        return
+        return None
     norms = torch._foreach_norm(updates)
     torch._foreach_div_(norms, [threshold * math.sqrt(max(1, u.numel())) for u in updates])
     torch._foreach_clamp_min_(norms, 1.0)
-    torch._foreach_div_(updates, norms)
+    torch._foreach_reciprocal_(norms)
+    return list(norms)
 
 
 def param_scale(params: list[Tensor], eps2: float) -> list[Tensor]:
@@ -378,9 +383,12 @@ def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float],
     return beta2s, rhos
 
 
-def apply_update_(params: list[Tensor], updates: list[Tensor], alphas: list[Tensor] | list[float],
-                  weight_decay: float) -> None:
-    r""":math:`W \leftarrow W(1 - \lambda\alpha) - U` in place (``updates`` already scaled by α)."""
+def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: list[Tensor] | list[float],
+                  alphas: list[Tensor] | list[float], weight_decay: float) -> None:
+    r""":math:`W \leftarrow W(1 - \lambda\alpha) - c\,U` in place, one pass per tensor for the update.
+
+    ``coefs`` (:math:`c`) and ``alphas`` are 0-dim tensors or floats per tensor.
+    """
     if weight_decay != 0.0:
         if isinstance(alphas[0], Tensor):
             factors = torch._foreach_mul(alphas, -weight_decay)  # type: ignore[arg-type]
@@ -388,7 +396,14 @@ def apply_update_(params: list[Tensor], updates: list[Tensor], alphas: list[Tens
             torch._foreach_mul_(params, [f.to(p.dtype) for f, p in zip(factors, params)])
         else:
             torch._foreach_mul_(params, [1.0 - weight_decay * a for a in alphas])  # type: ignore[operator]
-    torch._foreach_sub_(params, updates)
+    if isinstance(coefs[0], Tensor):
+        for p, u, c in zip(params, updates, coefs):
+            p.addcmul_(u, c.to(p.dtype), value=-1.0)  # type: ignore[union-attr]
+    elif all(c == 1.0 for c in coefs):
+        torch._foreach_sub_(params, updates)
+    else:
+        for p, u, c in zip(params, updates, coefs):
+            p.add_(u, alpha=-c)  # type: ignore[operator]
 
 
 def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
@@ -419,18 +434,20 @@ def adafactor_update_(params: list[Tensor], grads: list[Tensor], states: list[di
         [s.get("exp_avg_sq") for s in states],
         dims, beta2s, float(group["eps"][0]),
     )
-    clip_by_rms_(updates, _float(group["clip_threshold"]))
+    clip = clip_factors(updates, _float(group["clip_threshold"]))
     # bf16/fp16 parameters are updated through a float32 copy (as Hugging Face)
     low = [p.dtype in _LOW_PRECISION for p in params]
     work = [p.float() if lp else p for p, lp in zip(params, low)]
     alphas = scaled_alphas(work, rhos, group)
-    torch._foreach_mul_(updates, alphas)
+    coefs = alphas if clip is None else torch._foreach_mul(clip, alphas)  # type: ignore[arg-type]
+    wd = float(group["weight_decay"])
     if group["beta1"] is not None:
+        torch._foreach_mul_(updates, coefs)
         bufs = momentum_([s["exp_avg"] for s in states], updates, float(group["beta1"]))
         updates = [b.to(w.dtype) for b, w in zip(bufs, work)]
+        apply_update_(work, updates, [1.0] * len(work), alphas, wd)
     else:
-        updates = [u.to(w.dtype) for u, w in zip(updates, work)]
-    apply_update_(work, updates, alphas, float(group["weight_decay"]))
+        apply_update_(work, [u.to(w.dtype) for u, w in zip(updates, work)], list(coefs), alphas, wd)
     for p, w, lp in zip(params, work, low):
         if lp:
             p.copy_(w)
