@@ -79,13 +79,14 @@ def captured_energy(P: Tensor, G: Tensor, side: str) -> Tensor:
 
 
 def principal_angle_sines(P: Tensor, Q: Tensor) -> Tensor:
-    r"""Sines of the principal angles between ``span(P)`` and ``span(Q)`` (orthonormal columns).
+    r"""Sines of the principal angles between ``span(Q)`` and ``span(P)`` (orthonormal columns).
 
-    The cosines are the singular values of :math:`P^\top Q` (Björck & Golub 1973);
-    returns :math:`\sqrt{1 - \cos^2}` sorted descending (largest angle first).
+    Computed as the singular values of :math:`(I - PP^\top)Q` (Björck & Golub
+    1973), accurate for tiny angles where :math:`\sqrt{1-\cos^2}` is not;
+    largest first. Requires ``Q.shape[-1] <= P.shape[-1]``.
     """
-    c = torch.linalg.svdvals(_f64(P).mT @ _f64(Q)).clamp(max=1.0)
-    return torch.sqrt(1.0 - c * c).flip(-1)
+    Pd, Qd = _f64(P), _f64(Q)
+    return torch.linalg.svdvals(Qd - Pd @ (Pd.mT @ Qd))
 
 
 def halko_spectral_factor(k: int, p: int, m: int, n: int, q: int) -> float:

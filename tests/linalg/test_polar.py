@@ -15,7 +15,7 @@ import matrixopt.linalg.polar as polar_mod
 from matrixopt.linalg._reference import polar_reference
 from matrixopt.linalg.polar import PolarResult, _scaled_cubic, polar, select_polar_method
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=60, deadline=None)
 
 # Tolerances on relative errors, per *returned* dtype.
 TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
