@@ -34,7 +34,7 @@ name                        steps  source
                                    without cushion or safety
 ``"newton_schulz"``         14     classic quintic (15/8, −10/8, 3/8); converges
                                    to the exact polar factor
-``"newton_schulz_cubic"``   22     classic cubic (3/2, −1/2, 0); converges
+``"newton_schulz_cubic"``   21     classic cubic (3/2, −1/2, 0); converges
 ==========================  =====  ===========================================
 
 The Polar Express presets are not typed-in constants: the module builds them

@@ -1,0 +1,373 @@
+r"""Approximate matrix sign (the Muon orthogonalisation) by odd polynomial iteration.
+
+For :math:`G = U S V^\top` (thin SVD), :math:`\operatorname{msign}(G) = U V^\top`.
+:func:`orthogonalize` approximates it with a fixed number of odd quintic steps
+
+.. math::
+    A = X X^\top,\qquad B = b_t A + c_t A^2,\qquad X \leftarrow a_t X + B X,
+
+which map every singular value :math:`\sigma` of the normalised input through the
+scalar composition :math:`p_T(\cdots p_1(\sigma))`, :math:`p_t(x) = a_t x + b_t x^3 + c_t x^5`
+(Jordan et al. 2024, "Muon"; Amsel et al. 2025, "The Polar Express"). The
+coefficient schedules live in :mod:`matrixopt.linalg.coefficients`.
+
+Cost per step for an :math:`m\times n` matrix with :math:`k = \min(m, n)`,
+:math:`l = \max(m, n)`: :math:`4k^2 l + 2k^3` flops (the Gram product, the
+square of the Gram matrix, the update). Tall matrices use
+:math:`A = X^\top X` and :math:`X \leftarrow a X + X B`, so no transpose is
+materialised. The Gram Newton–Schulz variant (``method="gram"``) replaces most
+of the :math:`k^2 l` work with :math:`k^3` work; see :func:`orthogonalize_flops`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_dtype, check_finite as _check_finite, check_matrix
+from .coefficients import preset_safety, resolve_coefficients
+
+__all__ = ["orthogonalize", "resolve_backend", "resolve_method", "orthogonalize_flops"]
+
+METHODS = ("auto", "standard", "gram")
+NORMALIZATIONS = ("frobenius", "spectral", "aol")
+BACKENDS = ("auto", "torch", "triton")
+
+#: ``method="auto"`` picks the Gram iteration when its flop count is below this
+#: fraction of the standard iteration's: its k×k products run at a lower rate
+#: than the k×l ones on CPUs and GPUs alike (smaller GEMMs), so a bare flop win
+#: is not enough.
+GRAM_FLOP_RATIO = 0.85
+
+
+# --------------------------------------------------------------- dispatch
+def resolve_backend(G: Tensor, backend: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """Which kernels :func:`orthogonalize` uses for ``G``: ``"torch"`` or ``"triton"``.
+
+    * ``"torch"``: the ops of :mod:`matrixopt.kernels.reference` (any device).
+    * ``"triton"``: the launchers of :mod:`matrixopt.kernels.triton_ops`;
+      ``RuntimeError`` if Triton does not import or cannot run on ``G``'s device
+      (a CUDA device, or any device under ``TRITON_INTERPRET=1``).
+    * ``"auto"``: Triton only if ``G`` is on CUDA, Triton imports, and
+      ``triton_ops.should_dispatch(m, n, dtype)`` accepts the shape and the
+      iteration dtype (``dtype``, default ``G.dtype``); the torch ops otherwise.
+
+    The decision depends on the arguments only (no global switch, no
+    environment variable beyond Triton's own interpreter flag).
+    """
+    check_choice(backend, "backend", BACKENDS)
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        try:
+            from ..kernels import is_available
+            from ..kernels import triton_ops  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"backend='triton' needs triton, which failed to import: {e}") from e
+        if not is_available(G.device):
+            raise RuntimeError(
+                f"backend='triton' needs a CUDA tensor with CUDA available (or TRITON_INTERPRET=1 "
+                f"for the CPU interpreter); got a tensor on {G.device}, "
+                f"torch.cuda.is_available()={torch.cuda.is_available()}")
+        return "triton"
+    if G.device.type != "cuda" or not torch.cuda.is_available():
+        return "torch"
+    try:
+        from ..kernels import triton_ops
+    except ImportError:
+        return "torch"
+    m, n = int(G.shape[-2]), int(G.shape[-1])
+    return "triton" if triton_ops.should_dispatch(m, n, dtype or G.dtype) else "torch"
+
+
+def _ops(backend: str) -> ModuleType:
+    if backend == "triton":
+        from ..kernels import triton_ops
+        return triton_ops
+    from ..kernels import reference
+    return reference
+
+
+def _segments(steps: int, restart_every: int | None) -> list[int]:
+    """Lengths of the Gram-iteration segments between restarts."""
+    if restart_every is None or restart_every >= steps:
+        return [steps]
+    full, rest = divmod(steps, restart_every)
+    return [restart_every] * full + ([rest] if rest else [])
+
+
+def orthogonalize_flops(m: int, n: int, steps: int, method: str = "standard",
+                        restart_every: int | None = 2) -> int:
+    r"""Flop count of :func:`orthogonalize`'s iteration (matrix products only, dense GEMMs).
+
+    With :math:`k = \min(m, n)`, :math:`l = \max(m, n)`, :math:`T` steps:
+
+    * standard: :math:`T\,(4k^2 l + 2k^3)`.
+    * gram (Zhang, Amsel, Chen, Dao 2026): the steps are split into segments
+      by the restarts; a segment of :math:`s` steps computes
+      :math:`R = XX^\top` once (:math:`2k^2 l`), then per step
+      :math:`R^2` (:math:`2k^3`), the accumulated factor :math:`Q \leftarrow HQ`
+      (:math:`2k^3`, not on its first step) and :math:`R \leftarrow HRH`
+      (:math:`4k^3`, not on its last step), and ends with :math:`X \leftarrow QX`
+      (:math:`2k^2 l`): :math:`4k^2 l + (8s - 6)k^3` for :math:`s \ge 2`,
+      :math:`4k^2 l + 2k^3` for :math:`s = 1`.
+
+    Example, 5 steps restarted every 2 (segments 2, 2, 1):
+    :math:`12k^2 l + 22k^3` against :math:`20k^2 l + 10k^3`; at :math:`l = 4k`
+    that is 70 against 90 (×k³), at :math:`l = k` 34 against 30 (no gain).
+    """
+    check_choice(method, "method", ("standard", "gram"))
+    k, l = min(m, n), max(m, n)
+    if method == "standard":
+        return steps * (4 * k * k * l + 2 * k**3)
+    total = 0
+    for s in _segments(steps, restart_every):
+        total += 4 * k * k * l + (2 if s == 1 else 8 * s - 6) * k**3
+    return total
+
+
+def resolve_method(m: int, n: int, steps: int, method: str = "auto",
+                   restart_every: int | None = 2, dtype: torch.dtype | None = None) -> str:
+    """``"standard"`` or ``"gram"`` for an ``m×n`` iteration of ``steps`` steps in ``dtype``.
+
+    ``"auto"`` picks gram when the iteration dtype is not bfloat16 and
+    ``orthogonalize_flops(gram) < GRAM_FLOP_RATIO · orthogonalize_flops(standard)``
+    (0.85; with the defaults: aspect ratio ``max(m,n)/min(m,n)`` above 2.5).
+
+    Why not bfloat16: the accumulated factor Q has eigenvalues from about 1
+    (directions of large σ) up to the product of the ``a_t`` (≈ 33 after the two
+    first Polar Express steps), and it is stored in the iteration dtype, so the
+    large-σ directions of ``X ← QX`` carry an absolute error of about
+    ``a_1 a_2 · 2⁻⁹`` ≈ 6 % with bfloat16's 8-bit mantissa; with a tight
+    normalisation (``"spectral"``) that pushes σ past the schedule's range and
+    the iteration diverges (measured: ‖out‖₂ = 33 instead of 1.14 on a
+    256×1024 log-uniform spectrum). Float16 (the Gram Newton–Schulz paper's
+    choice, 11-bit mantissa) is 8× more precise. Explicit ``method="gram"`` is
+    still honoured in bfloat16.
+    """
+    check_choice(method, "method", METHODS)
+    if method != "auto":
+        return method
+    if dtype == torch.bfloat16:
+        return "standard"
+    gram = orthogonalize_flops(m, n, steps, "gram", restart_every)
+    std = orthogonalize_flops(m, n, steps, "standard", restart_every)
+    return "gram" if gram < GRAM_FLOP_RATIO * std else "standard"
+
+
+# ------------------------------------------------------------ normalisation
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is normalised in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prescaled(G: Tensor) -> Tensor:
+    """``G / max|G|`` per matrix in float32 (float64 for float64 input).
+
+    Makes the Frobenius norm immune to overflow (1e30² overflows float32) and
+    underflow (1e-30² is zero in float32); zero matrices stay zero.
+    """
+    X = G.to(_acc_dtype(G.dtype))
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    return X / torch.where(amax > 0, amax, torch.ones_like(amax))
+
+
+def _eye_plus(B: Tensor, a: float) -> Tensor:
+    H = B.clone()
+    H.diagonal(dim1=-2, dim2=-1).add_(a)
+    return H
+
+
+# ---------------------------------------------------------------- main op
+def orthogonalize(
+    G: Tensor,
+    *,
+    steps: int | None = None,
+    coefficients: object = "polar_express",
+    normalization: str = "frobenius",
+    dtype: torch.dtype | None = None,
+    eps: float = 1e-7,
+    method: str = "auto",
+    backend: str = "auto",
+    restart_every: int | None = 2,
+    safety: float | None = None,
+    check_finite: bool = False,
+) -> Tensor:
+    r"""Approximate :math:`\operatorname{msign}(G) = UV^\top` for ``G`` of shape ``[..., m, n]``.
+
+    Normalise so every singular value is at most 1, then run the odd quintic
+    steps of the schedule (see the module docstring). The result is
+    :math:`U\,P(\hat S)\,V^\top` with :math:`P` the schedule's scalar composition
+    and :math:`\hat S` the normalised singular values, i.e. an approximate polar
+    factor whose accuracy the schedule promises on :math:`[\ell, 1]` (see
+    :mod:`matrixopt.linalg.coefficients`); it is not converged to a tolerance
+    (use :func:`matrixopt.linalg.polar` for that, or the ``"newton_schulz"``
+    preset). Batched over the leading dimensions; no host synchronisation.
+
+    Args:
+        G: real floating tensor ``[..., m, n]`` (float16/bfloat16/float32/float64).
+        steps: number of polynomial steps; ``None`` = the schedule's own length.
+            Longer than the schedule repeats its tail, shorter truncates it
+            (:func:`~matrixopt.linalg.coefficients.resolve_coefficients`).
+        coefficients: a preset name (``"polar_express"`` default, ``"keller"``,
+            ``"you"``, ``"polar_express_8"``, ``"cans"``, ``"newton_schulz"``,
+            ``"newton_schulz_cubic"``), one ``(a, b, c)`` or a list of them.
+        normalization: how σ_max ≤ 1 is ensured; the estimate ν is multiplied by
+            ``safety`` and the input divided by it (computed in float32 or better):
+
+            * ``"frobenius"``: ν = ‖X‖_F (+ ``eps``). Classic; under-estimates
+              small singular values' scale by up to √rank, wasting early steps.
+            * ``"spectral"``: ν = the Schatten-8 norm
+              :math:`(\sum_i \sigma_i^8)^{1/8} = \|(XX^\top)^2\|_F^{1/4}`, a
+              guaranteed upper bound of σ_max that over-estimates it by at most
+              :math:`\operatorname{rank}^{1/8}` (≤ 2.3 at rank 768; Frobenius:
+              √rank ≈ 27.7). It is power iteration done on the whole matrix:
+              the Gram matrix and its square are the ones the first step needs
+              anyway, so it costs only elementwise work.
+            * ``"aol"``: AOL diagonal scaling (Prach & Lampert 2022; Boissin et
+              al. 2025, "Turbo-Muon") on the short side,
+              :math:`d_i = (\sum_j |XX^\top|_{ij})^{-1/2}`, which guarantees
+              :math:`\|DX\|_2 \le 1` and reuses the first Gram matrix. Note the
+              iteration then approximates :math:`\operatorname{msign}(DX)`, which
+              differs from :math:`\operatorname{msign}(X)` unless D is a multiple
+              of the identity (Turbo-Muon reports no training loss from it).
+        dtype: dtype the iteration runs in; ``None`` = ``G.dtype`` (never forced).
+            The output always has ``G.dtype``.
+        eps: added to the Frobenius norm. The input is first divided by its
+            largest entry (so 1e±30 scales neither overflow nor underflow); after
+            that ‖X‖_F ≥ 1 for any non-zero matrix and eps only keeps an all-zero
+            matrix at zero. (Unlike torch.optim.Muon, tiny inputs are not shrunk:
+            the result is invariant to positive rescaling of ``G``.)
+        method: ``"standard"`` (the iteration above), ``"gram"`` (Gram
+            Newton–Schulz, Zhang, Amsel, Chen & Dao 2026: iterate on the short-side
+            Gram matrix :math:`R = XX^\top` and an accumulated factor
+            :math:`Q` with :math:`R \leftarrow H R H`, :math:`Q \leftarrow H Q`,
+            :math:`H = aI + bR + cR^2`, touching the :math:`m\times n` matrix only
+            at the start, at restarts and at the end, :math:`X \leftarrow QX`), or
+            ``"auto"``: gram when it saves enough flops
+            (:func:`resolve_method`: aspect ratio above 2.5 with the defaults,
+            never square matrices, never a bfloat16 iteration, whose rounding
+            the accumulated factor Q amplifies).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``; see :func:`resolve_backend`.
+        restart_every: Gram method only: recompute :math:`R` from the current
+            :math:`X` every this many steps (default 2: after steps 2, 4, ...),
+            which stops round-off drift of :math:`R` in half precision; ``None``
+            never restarts.
+        safety: normalisation safety factor (≥ 1); ``None`` = the preset's
+            (1.02 for ``"polar_express"``, 1.01 for ``"polar_express_8"``, 1
+            otherwise and for explicit coefficients).
+        check_finite: raise ``ValueError`` if ``G`` holds NaN/Inf (one host sync).
+
+    Returns:
+        A tensor of ``G``'s shape and dtype.
+
+    Raises:
+        TypeError: ``G`` not a real floating tensor (integer, complex, ...).
+        ValueError: ``G`` with fewer than 2 dims, unknown preset/method/
+            normalization/backend, malformed coefficients, ``steps`` < 1,
+            bad ``restart_every``/``safety``/``eps``.
+        RuntimeError: ``backend="triton"`` where Triton cannot run.
+
+    Cost: :func:`orthogonalize_flops`, plus O(mn) elementwise work for the
+    normalisation.
+    """
+    G = check_matrix(G, "G")
+    work = check_dtype(dtype, "dtype") or G.dtype
+    check_choice(normalization, "normalization", NORMALIZATIONS)
+    schedule = resolve_coefficients(coefficients, steps)  # validates coefficients and steps
+    if restart_every is not None and (isinstance(restart_every, bool)
+                                      or not isinstance(restart_every, int) or restart_every < 1):
+        raise ValueError(f"restart_every must be None or an int >= 1, got {restart_every!r}")
+    s = preset_safety(coefficients) if safety is None else safety
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 1.0:
+        raise ValueError(f"safety must be a finite number >= 1, got {safety!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0 \
+            or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if check_finite:
+        _check_finite(G, "G")
+    *batch, m, n = G.shape
+    meth = resolve_method(m, n, len(schedule), method, restart_every, work)
+    ops = _ops(resolve_backend(G, backend, work))
+    if G.numel() == 0:
+        return torch.zeros_like(G)
+
+    right = m > n  # tall: work with the n×n Gram XᵀX and multiply from the right
+    X = _prescaled(G.reshape(-1, m, n))
+    if normalization == "frobenius":
+        nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+        X = (X / (nrm * s + eps)).to(work)
+        A = A2 = None
+    else:
+        # Frobenius first (σ ≤ 1 so nothing overflows in half precision), then
+        # refine with the first Gram matrix, which the iteration needs anyway.
+        nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+        X = (X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))).to(work)
+        A = ops.gram(X, transpose=right)
+        if normalization == "spectral":
+            A2 = ops.sym_poly(A, 0.0, 1.0)
+            t = torch.linalg.vector_norm(A2.to(_acc_dtype(A2.dtype)), dim=(-2, -1),
+                                         keepdim=True).pow(0.25) * s
+            t = torch.where(t > 0, t, torch.ones_like(t))
+            X = (X / t).to(work)
+            A = (A / t**2).to(work)
+            A2 = (A2 / t**4).to(work)
+        else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
+            rows = A.to(_acc_dtype(A.dtype)).abs().sum(dim=-1, keepdim=True)
+            d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
+            X = (X * (d.mT if right else d)).to(work)
+            A = (d * A * d.mT).to(work)
+            A2 = None
+
+    if meth == "standard":
+        X = _standard(ops, X, schedule, right, A, A2)
+    else:
+        X = _gram_ns(ops, X, schedule, right, restart_every, A, A2)
+    return X.reshape(G.shape).to(G.dtype)
+
+
+def _poly(ops: ModuleType, A: Tensor, A2: Tensor | None, b: float, c: float) -> Tensor:
+    """b A + c A², from a precomputed A² when the normalisation made one."""
+    return ops.sym_poly(A, b, c) if A2 is None else (b * A + c * A2).to(A.dtype)
+
+
+def _standard(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
+              right: bool, A: Tensor | None, A2: Tensor | None) -> Tensor:
+    """X ← a X + (b A + c A²) X per step (X B for tall X, with A = XᵀX)."""
+    for a, b, c in schedule:
+        if A is None:
+            A = ops.gram(X, transpose=right)
+        B = _poly(ops, A, A2, b, c)
+        X = ops.poly_step(X, B, a, right=right)
+        A = A2 = None
+    return X
+
+
+def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
+             right: bool, restart_every: int | None, R: Tensor | None,
+             R2: Tensor | None) -> Tensor:
+    """Gram Newton–Schulz: iterate on R = XXᵀ and Q with X_t = Q X_0 (X_0 Q if tall).
+
+    With H = aI + bR + cR² (a polynomial in R, so it commutes with R):
+    X ← H X gives R ← H R H and Q ← H Q; only the k×k matrices are touched
+    between restarts.
+    """
+    Q: Tensor | None = None
+    T = len(schedule)
+    for t, (a, b, c) in enumerate(schedule):
+        if Q is not None and restart_every is not None and t % restart_every == 0:
+            X = ops.poly_step(X, Q, 0.0, right=right)  # fold the factor into X
+            Q, R = None, None
+        if R is None:
+            R = ops.gram(X, transpose=right)
+        B = _poly(ops, R, R2, b, c)
+        R2 = None
+        Q = _eye_plus(B, a) if Q is None else ops.poly_step(Q, B, a, right=right)
+        restart_next = restart_every is not None and (t + 1) % restart_every == 0
+        if t + 1 < T and not restart_next:
+            R = ops.poly_step(ops.poly_step(R, B, a), B, a, right=True)  # H R H
+    assert Q is not None
+    return ops.poly_step(X, Q, 0.0, right=right)
