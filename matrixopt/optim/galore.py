@@ -1,0 +1,775 @@
+r"""GaLore: optimizer state in a low-rank gradient subspace (GaLoreAdamW, GaLoreAdafactor).
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection" (ICML 2024). For a matrix parameter :math:`W` (m×n) with gradient
+:math:`G`, keep a basis :math:`P` of rank :math:`r` on one side (``proj_type``),
+run the inner optimizer on the projected gradient and map its direction back:
+
+.. math::
+    R_t = P^\top G_t \ \text{(left)}\ \text{or}\ G_t P\ \text{(right)},\qquad
+    N_t = \psi(R_t)\ \text{(Adam or Adafactor on } R_t),\qquad
+    W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, P N_t \ \text{(or } N_t P^\top),
+
+with :math:`\alpha` = ``scale`` and :math:`P` refreshed every ``update_proj_gap``
+steps. Optimizer state per matrix: :math:`2 r \cdot \max(m, n)` moments plus the
+basis (:math:`r\cdot\min(m,n)`; nothing with ``projector="random"``), against
+:math:`2mn` for AdamW.
+
+What differs from galore-torch (the reference implementation):
+
+* **refresh** (``projector``): ``"warm"`` (default) is one block power step from
+  the previous basis plus a Rayleigh–Ritz rotation
+  (:func:`matrixopt.linalg.projectors.lowrank_basis`), a GEMM pair instead of a
+  full SVD; ``"rsvd"`` a randomized SVD; ``"svd"`` the exact SVD (galore-torch);
+  ``"random"`` a seeded Gaussian :math:`N(0, 1/r)` basis regenerated from the seed
+  at every step (Flora / APOLLO), so no basis is stored.
+* **moments follow the basis** (``on_refresh``): ``"transport"`` (default) maps
+  the moments with :math:`Q = P_{new}^\top P_{old}` (LDAdam, Robert et al., ICLR
+  2025: :math:`\tilde m = Qm`, :math:`\tilde v = |(Q\circ Q)(\hat v - \hat m^2) +
+  (Q\hat m)^2|`); ``"reset"`` zeroes them and restarts bias correction;
+  ``"keep"`` leaves them unchanged (galore-torch, stale after a rotation).
+* **residual** (optional): ``"fira"`` (Chen et al., "Fira: Can We Achieve
+  Full-rank Training of LLMs Under Low-rank Constraint?", 2024) adds the part of
+  the gradient outside the subspace, :math:`S = G - P P^\top G`, scaled per
+  channel by the inner optimizer's own gain :math:`\phi_j = \|N_{:,j}\| /
+  \|R_{:,j}\|`; ``"apollo"`` (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level
+  Performance", MLSys 2025) replaces the update by the raw gradient scaled per
+  channel, :math:`G\,\mathrm{diag}(s)`, :math:`s_j = \|N_{:,j}\|/\|R_{:,j}\|`
+  (the low-rank state only estimates the scaling). ``residual_granularity=
+  "tensor"`` uses one factor per matrix (APOLLO-Mini). Both apply the
+  norm-growth limiter: if :math:`\|S_t\| > \gamma\|S_{t-1}\|` the scaled term is
+  shrunk to :math:`\gamma\|S_{t-1}\|` (:math:`\gamma` = ``norm_growth_limit``,
+  1.01). A channel is a column of :math:`G` for a left basis and a row for a
+  right basis (the dimension the projection keeps).
+* **staggered, batched refresh**: within a group, the matrices of each shape
+  are spread over ``stagger`` refresh slots offset by ``update_proj_gap /
+  stagger`` steps, so no single step refreshes every matrix; matrices of the
+  same shape refreshing at the same step go through one batched
+  ``lowrank_basis`` call.
+* **the side comes from the full shape** (:func:`~matrixopt.linalg.projectors.
+  projection_side`), conv weights ``[out, in, kh, kw]`` are projected as
+  ``out × in·kh·kw`` matrices and 3-D stacks ``[E, m, n]`` as ``E`` matrices with
+  ``E`` bases (``matrix_view``), ranks above ``min(m, n)`` are clipped to it.
+* **state is tensors only** with fixed keys (``step``, ``exp_avg``, ... ,
+  ``projector``, ``projector_right``, ``seed``, ``iteration``,
+  ``refresh_step``, ``refresh_offset``, ``residual_norm``): ``state_dict`` loads
+  with ``torch.load(weights_only=True)`` and resumes bit-identically.
+* the update and the weight decay are one fused GEMM
+  (``W.addmm_(P, N, beta=1-ηλ, alpha=-ηα)``), no full-size temporaries.
+
+Cost per step and matrix: two GEMMs of :math:`2mnr` flops (project, project
+back) plus elementwise work on :math:`r\cdot\max(m,n)` values; at a refresh
+(every ``update_proj_gap`` steps) about :math:`4mnr` flops and two QRs for
+``"warm"``. Each matrix is projected with its own GEMM: stacking same-shape
+gradients for one batched GEMM would copy every gradient each step, which costs
+more than it saves outside the refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg.projectors import (
+    basis_overlap,
+    lowrank_basis,
+    project,
+    project_back,
+    projection_side,
+    transport_moments,
+)
+from ._adamw import adam_direction, adam_moments_, adamw_step_, init_adam_state
+from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+from .adafactor import (
+    adafactor_precondition_,
+    adafactor_update_,
+    check_adafactor_group,
+    clip_factors,
+    factored_dims,
+    init_adafactor_state,
+    load_state_keeping_dtypes,
+    param_scale,
+    step_sizes,
+)
+
+__all__ = ["GaLoreAdamW", "GaLoreAdafactor", "PROJ_TYPES", "PROJECTORS", "ON_REFRESH",
+           "RESIDUALS"]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJECTORS = ("warm", "rsvd", "svd", "random")
+ON_REFRESH = ("transport", "reset", "keep")
+RESIDUALS = (None, "fira", "apollo")
+_GRANULARITY = ("channel", "tensor")
+_VIEWS = ("auto", "flatten", "batch")
+_HALF = (torch.float16, torch.bfloat16)
+_SEED_STRIDE = 1_000_003  # mixes (matrix seed, refresh step) into one generator seed
+
+
+def _float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_type: str,
+                     projector: str, on_refresh: str, residual: str | None,
+                     residual_granularity: str, norm_growth_limit: float | None,
+                     stagger: int, seed: int, matrix_view: str) -> dict[str, Any]:
+    return dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                projector=projector, on_refresh=on_refresh, residual=residual,
+                residual_granularity=residual_granularity, norm_growth_limit=norm_growth_limit,
+                stagger=stagger, seed=seed, matrix_view=matrix_view)
+
+
+def _check_galore_keys(check: _GroupChecker) -> None:
+    check.integer("rank", low=1, allow_none=True)
+    check.integer("update_proj_gap", low=1)
+    check.number("scale", low=0.0)
+    check.choice("proj_type", PROJ_TYPES)
+    check.choice("projector", PROJECTORS)
+    check.choice("on_refresh", ON_REFRESH)
+    check.choice("residual", RESIDUALS)
+    check.choice("residual_granularity", _GRANULARITY)
+    check.number("norm_growth_limit", low=1.0, allow_none=True)
+    check.integer("stagger", low=1)
+    check.integer("seed", low=0)
+    check.choice("matrix_view", _VIEWS)
+
+
+@dataclass
+class _Item:
+    """One projected parameter during a step: its matrix view and where its state is."""
+
+    p: Tensor
+    state: dict[str, Any]
+    G: Tensor          # gradient as [b, m, n] (a view when possible; never written)
+    b: int
+    m: int
+    n: int
+    batched: bool      # state tensors keep the leading batch dim ([E, ...] params)
+    side: str          # "left" | "right" | "both"
+    rank: int          # min(group rank, m, n)
+    bases: list[Tensor] = field(default_factory=list)  # [left or right] or [left, right], 3-D
+
+
+class _GaLoreBase(MatrixOptimizer):
+    """Projection, refresh, transport, residuals and the fused apply; the inner
+    optimizer (Adam / Adafactor) is supplied by the subclasses."""
+
+    _owner = "GaLore"
+
+    # ------------------------------------------------------------ subclass API
+    def _check_inner(self, check: _GroupChecker) -> None:
+        raise NotImplementedError
+
+    def _plain_step(self, index: int, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+        raise NotImplementedError
+
+    def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
+                         ) -> tuple[list[Tensor], list[Any], list[Any]]:
+        """Return (low-rank directions N, step multipliers c, decay factors d) per item."""
+        raise NotImplementedError
+
+    def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
+        raise NotImplementedError
+
+    def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checks
+    def _check_group(self, check: _GroupChecker) -> None:
+        _check_galore_keys(check)
+        self._check_inner(check)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, keeping every state tensor's saved dtype."""
+        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
+
+    # ------------------------------------------------------------------ shapes
+    @staticmethod
+    def _view(group: dict[str, Any], p: Tensor) -> tuple[int, int, int, bool]:
+        """(b, m, n, batched) of the matrices a parameter is projected as."""
+        view = group["matrix_view"]
+        if view == "auto":
+            view = "batch" if p.ndim == 3 else "flatten"
+        if p.ndim == 2:
+            return 1, p.shape[0], p.shape[1], False
+        if view == "flatten":
+            return 1, p.shape[0], math.prod(p.shape[1:]), False
+        return math.prod(p.shape[:-2]), p.shape[-2], p.shape[-1], True
+
+    @staticmethod
+    def _st(t: Tensor, item: _Item) -> Tensor:
+        """A 3-D working tensor in the shape it is stored with."""
+        return t if item.batched else t.squeeze(0)
+
+    @staticmethod
+    def _w(t: Tensor) -> Tensor:
+        """A stored tensor as a 3-D working view."""
+        return t if t.ndim == 3 else t.unsqueeze(0)
+
+    @staticmethod
+    def _basis_dtype(p: Tensor) -> torch.dtype:
+        return torch.float32 if p.dtype in _HALF else p.dtype
+
+    def _low_rank_shape(self, item: _Item) -> tuple[int, int, int]:
+        r = item.rank
+        if item.side == "left":
+            return item.b, r, item.n
+        if item.side == "right":
+            return item.b, item.m, r
+        return item.b, r, r
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
+        loss = closure_loss(closure)
+        ordinal = 0
+        for index, group in enumerate(self.param_groups):
+            plain_p: list[Tensor] = []
+            plain_g: list[Tensor] = []
+            items: list[_Item] = []
+            fresh: list[_Item] = []
+            for p in group["params"]:
+                ordinal += 1
+                if p.grad is None:
+                    continue
+                grad = check_grad(p, type(self).__name__, index)
+                if group["rank"] is None or p.ndim < 2:
+                    plain_p.append(p)
+                    plain_g.append(grad)
+                    continue
+                b, m, n, batched = self._view(group, p)
+                item = _Item(p=p, state=self.state[p], G=grad.reshape(b, m, n), b=b, m=m, n=n,
+                             batched=batched,
+                             side=projection_side((m, n), group["proj_type"]),
+                             rank=min(int(group["rank"]), m, n))
+                if "iteration" not in item.state:
+                    self._init_state(group, item, seed=int(group["seed"]) + ordinal - 1)
+                    fresh.append(item)
+                items.append(item)
+            if fresh:
+                self._assign_offsets(group, fresh)
+            if plain_p:
+                self._plain_step(index, group, plain_p, plain_g)
+            if items:
+                self._projected_step(group, items)
+        return loss
+
+    def _init_state(self, group: dict[str, Any], item: _Item, seed: int) -> None:
+        st = item.state
+        st["iteration"] = torch.tensor(0, dtype=torch.int64)
+        st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
+        st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
+        st["seed"] = torch.tensor(seed, dtype=torch.int64)
+        b, r1, r2 = self._low_rank_shape(item)
+        like = torch.empty((b, r1, r2) if item.batched else (r1, r2),
+                           dtype=torch.promote_types(item.G.dtype, self._basis_dtype(item.p)),
+                           device=item.p.device)
+        self._init_inner(group, st, like)
+        if group["residual"] is not None:
+            st["residual_norm"] = torch.zeros(item.b, dtype=torch.float32, device=item.p.device)
+
+    @staticmethod
+    def _assign_offsets(group: dict[str, Any], fresh: list[_Item]) -> None:
+        """Spread each shape's matrices over ``stagger`` refresh slots (stored, so a
+        resumed run keeps the schedule)."""
+        gap = int(group["update_proj_gap"])
+        slots = max(1, min(int(group["stagger"]), gap))
+        count: dict[tuple[int, int], int] = {}
+        for it in fresh:
+            j = count.get((it.m, it.n), 0)
+            count[(it.m, it.n)] = j + 1
+            it.state["refresh_offset"].fill_(((j % slots) * gap) // slots)
+
+    def _projected_step(self, group: dict[str, Any], items: list[_Item]) -> None:
+        gap = int(group["update_proj_gap"])
+        refresh: list[_Item] = []
+        for it in items:
+            st = it.state
+            st["iteration"].add_(1)
+            t = int(st["iteration"])
+            has_basis = "projector" in st or (group["projector"] == "random" and t > 1)
+            if not has_basis or (t - 1 - int(st["refresh_offset"])) % gap == 0:
+                refresh.append(it)
+        if refresh:
+            self._refresh(group, refresh)
+        for it in items:
+            if not it.bases:
+                it.bases = self._load_bases(group, it)
+        Rs = [project(it.G, it.bases[0] if it.side != "both" else (it.bases[0], it.bases[1]),
+                      group["proj_type"]) for it in items]
+        Ns, coefs, decays = self._inner_direction(group, items, Rs)
+        for it, R, N, c, d in zip(items, Rs, Ns, coefs, decays):
+            self._apply(group, it, R, N, c, d)
+
+    # ----------------------------------------------------------------- refresh
+    def _sides(self, item: _Item) -> list[str]:
+        return ["left", "right"] if item.side == "both" else [item.side]
+
+    def _random_bases(self, item: _Item, refresh_step: int) -> list[Tensor]:
+        seed = (int(item.state["seed"]) * _SEED_STRIDE + refresh_step) % (2 ** 62)
+        dt = self._basis_dtype(item.p)
+        return [lowrank_basis(item.G, item.rank, method="random", side=s,  # type: ignore[arg-type]
+                              seed=seed + i, dtype=dt, check_finite=False)
+                for i, s in enumerate(self._sides(item))]
+
+    def _load_bases(self, group: dict[str, Any], item: _Item) -> list[Tensor]:
+        st = item.state
+        if group["projector"] == "random":
+            return self._random_bases(item, int(st["refresh_step"]))
+        out = [self._w(st["projector"])]
+        if item.side == "both":
+            out.append(self._w(st["projector_right"]))
+        return out
+
+    def _refresh(self, group: dict[str, Any], items: list[_Item]) -> None:
+        method = group["projector"]
+        old: list[list[Tensor] | None] = []
+        for it in items:
+            st = it.state
+            if method == "random":
+                old.append(self._random_bases(it, int(st["refresh_step"]))
+                           if int(st["iteration"]) > 1 else None)
+            elif "projector" in st:
+                old.append(self._load_bases(group, it))
+            else:
+                old.append(None)
+        new: list[list[Tensor]] = [[] for _ in items]
+        if method == "random":
+            for i, it in enumerate(items):
+                new[i] = self._random_bases(it, int(it.state["iteration"]))
+        else:
+            # one lowrank_basis call per bucket of same-shape matrices
+            buckets: dict[tuple[Any, ...], list[int]] = {}
+            for i, it in enumerate(items):
+                key = (it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device, old[i] is not None)
+                buckets.setdefault(key, []).append(i)
+            for (m, n, _, rank, _, _, warm), idx in buckets.items():
+                first = items[idx[0]]
+                G = torch.cat([items[i].G for i in idx], dim=0) if len(idx) > 1 else first.G
+                seed = (int(first.state["seed"]) * _SEED_STRIDE
+                        + int(first.state["iteration"])) % (2 ** 62)
+                sizes = [items[i].b for i in idx]
+                for k, side in enumerate(self._sides(first)):
+                    prev = None
+                    if warm:
+                        prevs = [old[i][k] for i in idx]  # type: ignore[index]
+                        prev = torch.cat(prevs, dim=0) if len(prevs) > 1 else prevs[0]
+                    P = lowrank_basis(G, rank, method=method, side=side,  # type: ignore[arg-type]
+                                      previous=prev, seed=seed + k,
+                                      dtype=self._basis_dtype(first.p), check_finite=False)
+                    for i, chunk in zip(idx, P.split(sizes, dim=0)):
+                        new[i].append(chunk)
+        on_refresh = group["on_refresh"]
+        for it, o, nb in zip(items, old, new):
+            st = it.state
+            st["refresh_step"].copy_(st["iteration"])
+            if method != "random":
+                st["projector"] = self._st(nb[0].contiguous(), it)
+                if it.side == "both":
+                    st["projector_right"] = self._st(nb[1].contiguous(), it)
+            it.bases = nb
+            if o is None or on_refresh == "keep":
+                continue
+            if on_refresh == "reset":
+                self._inner_reset(group, it)
+            else:
+                if it.side == "both":
+                    Q: Any = (basis_overlap(nb[0], o[0], "left"), basis_overlap(nb[1], o[1], "right"))
+                else:
+                    Q = basis_overlap(nb[0], o[0], it.side)  # type: ignore[arg-type]
+                self._inner_transport(group, it, Q)
+
+    # ------------------------------------------------------------------- apply
+    @staticmethod
+    def _back(group: dict[str, Any], item: _Item, X: Tensor) -> Tensor:
+        P: Any = item.bases[0] if item.side != "both" else (item.bases[0], item.bases[1])
+        return project_back(X, P, group["proj_type"], (item.b, item.m, item.n))
+
+    @staticmethod
+    def _channel_norms(X: Tensor, side: str, granularity: str) -> Tensor:
+        """Norms over the projected dim per channel (``[b,1,n]`` / ``[b,m,1]``) or per matrix."""
+        if granularity == "tensor" or side == "both":
+            return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+        return torch.linalg.vector_norm(X, dim=-2 if side == "left" else -1, keepdim=True)
+
+    @staticmethod
+    def _limit(group: dict[str, Any], item: _Item, norm: Tensor) -> Tensor:
+        """Norm-growth limiter: factor (``[b,1,1]``) keeping ``norm <= γ · previous``."""
+        gamma = group["norm_growth_limit"]
+        st = item.state
+        if "residual_norm" not in st:
+            st["residual_norm"] = torch.zeros(item.b, dtype=torch.float32, device=item.p.device)
+        prev = st["residual_norm"].to(norm.dtype)
+        if gamma is None:
+            factor = torch.ones_like(norm)
+        else:
+            capped = (float(gamma) * prev / norm).clamp(max=1.0)
+            # no previous norm (first step) or a zero norm: nothing to limit
+            factor = torch.where((prev > 0) & (norm > 0), capped, torch.ones_like(norm))
+        st["residual_norm"].copy_(norm * factor)
+        return factor.view(-1, 1, 1)
+
+    def _apply(self, group: dict[str, Any], item: _Item, R: Tensor, N: Tensor, c: Any,
+               d: Any) -> None:
+        r"""W ← d·W − c·scale·(back(N) [+ residual]) for one matrix (stack)."""
+        p = item.p
+        scale = float(group["scale"])
+        residual = group["residual"]
+        if isinstance(d, Tensor):
+            p.mul_(d.to(p.dtype))
+            d = 1.0
+        if isinstance(c, Tensor):
+            N = N * c.to(N.dtype)
+            c = 1.0
+        alpha = -float(c) * scale
+        gain = None
+        if residual is not None:
+            gran = group["residual_granularity"]
+            Rn = self._channel_norms(R, item.side, gran)
+            gain = torch.where(Rn > 0, self._channel_norms(N, item.side, gran) / Rn,
+                               torch.zeros_like(Rn))
+        p3 = p.view(item.b, item.m, item.n) if p.is_contiguous() else None
+        fused = p3 is not None and p.dtype == N.dtype and item.side != "both"
+        if residual == "apollo":
+            assert gain is not None
+            G = item.G.to(N.dtype)
+            # ||G diag(s)|| from G's channel norms: the scaled gradient is never built
+            gn = self._channel_norms(G, item.side, group["residual_granularity"])
+            norm = torch.linalg.vector_norm(gn * gain, dim=(-2, -1))
+            s = gain * self._limit(group, item, norm)
+            if d != 1.0:
+                p.mul_(d)
+            if p3 is not None and p.dtype == G.dtype:
+                p3.addcmul_(G, s, value=alpha)
+            else:
+                p.add_((G * s).mul_(alpha).reshape(p.shape).to(p.dtype))
+            return
+        if fused:
+            assert p3 is not None
+            P = item.bases[0]
+            if item.side == "left":
+                p3.baddbmm_(P.expand(item.b, -1, -1), N, beta=d, alpha=alpha)
+            else:
+                p3.baddbmm_(N, P.mT.expand(item.b, -1, -1), beta=d, alpha=alpha)
+        else:
+            if d != 1.0:
+                p.mul_(d)
+            p.add_(self._back(group, item, N).mul_(alpha).reshape(p.shape).to(p.dtype))
+        if residual == "fira":
+            assert gain is not None
+            G = item.G.to(N.dtype)
+            S = G - self._back(group, item, R)
+            S.mul_(gain)
+            factor = self._limit(group, item, torch.linalg.vector_norm(S, dim=(-2, -1)))
+            S.mul_(factor)
+            if p3 is not None and p.dtype == S.dtype:
+                p3.add_(S, alpha=alpha)
+            else:
+                p.add_(S.mul_(alpha).reshape(p.shape).to(p.dtype))
+
+
+# ============================================================================
+# GaLoreAdamW
+# ============================================================================
+class GaLoreAdamW(_GaLoreBase):
+    r"""AdamW whose matrices keep their moments in a low-rank gradient subspace.
+
+    Drop-in for :class:`torch.optim.AdamW` (same defaults) and for galore-torch's
+    ``GaLoreAdamW`` (same group keys)::
+
+        opt = GaLoreAdamW([{"params": other},
+                           {"params": mats, "rank": 128, "update_proj_gap": 200,
+                            "scale": 0.25, "proj_type": "std"}], lr=1e-3)
+
+    Groups without ``rank`` (``None``) and parameters with fewer than 2 dims are
+    plain AdamW (the same code as :class:`torch.optim.AdamW`'s update,
+    :func:`~matrixopt.optim._adamw.adamw_step_`). See the module docstring for
+    the algorithm and what differs from galore-torch.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8,
+            1e-2, as torch.optim.AdamW). Decay is decoupled, ``W ← W(1 - lr·wd)``.
+        rank: subspace rank (``None``: no projection); clipped to ``min(m, n)``.
+        update_proj_gap: steps between basis refreshes (default 200).
+        scale: multiplier α of the projected-back update (default 0.25, the paper's).
+        proj_type: ``"std"`` (default: project the short side), ``"reverse_std"``,
+            ``"left"``, ``"right"``, ``"full"`` (both sides).
+        projector: ``"warm"`` (default), ``"rsvd"``, ``"svd"``, ``"random"``.
+        on_refresh: ``"transport"`` (default), ``"reset"``, ``"keep"``.
+        residual: ``None`` (default), ``"fira"``, ``"apollo"``.
+        residual_granularity: ``"channel"`` (default) or ``"tensor"``.
+        norm_growth_limit: γ of the residual's norm-growth limiter (default 1.01;
+            ``None`` disables it).
+        stagger: number of refresh slots per gap (default 4; 1 refreshes every
+            matrix at the same step, as galore-torch).
+        seed: base seed of the random sketches and random bases (default 0); the
+            matrix at position ``i`` of the optimizer gets ``seed + i``.
+        matrix_view: ``"auto"`` (default: 3-D → batch of matrices, ≥ 4-D →
+            flatten), ``"flatten"``, ``"batch"``.
+
+    State of a projected parameter: ``step`` (Adam's counter), ``exp_avg``,
+    ``exp_avg_sq`` (projected shape), ``projector`` (and ``projector_right`` for
+    ``"full"``; none for ``"random"``), ``iteration``, ``refresh_step``,
+    ``refresh_offset``, ``seed`` (int64), ``residual_norm`` (with a residual).
+    ``step()`` never modifies ``p.grad``; parameters without grad are untouched.
+    """
+
+    _owner = "GaLoreAdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "warm",
+        on_refresh: str = "transport",
+        residual: str | None = None,
+        residual_granularity: str = "channel",
+        norm_growth_limit: float | None = 1.01,
+        stagger: int = 4,
+        seed: int = 0,
+        matrix_view: str = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector,
+                                           on_refresh, residual, residual_granularity,
+                                           norm_growth_limit, stagger, seed, matrix_view))
+        super().__init__(params, defaults)
+
+    def _check_inner(self, check: _GroupChecker) -> None:
+        check.number("lr", low=0.0)
+        check.betas("betas")
+        check.number("eps", low=0.0)
+        check.number("weight_decay", low=0.0)
+
+    def _plain_step(self, index: int, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if "exp_avg" not in st:
+                init_adam_state(st, p)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        adamw_step_(params, grads, [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                    lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]))
+
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+        init_adam_state(state, like)
+
+    def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
+                         ) -> tuple[list[Tensor], list[Any], list[Any]]:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        ms = [self._w(it.state["exp_avg"]) for it in items]
+        vs = [self._w(it.state["exp_avg_sq"]) for it in items]
+        steps = [it.state["step"] for it in items]
+        adam_moments_([R.to(m.dtype) for R, m in zip(Rs, ms)], ms, vs, steps, beta1, beta2)
+        Ns = adam_direction(ms, vs, steps, beta1, beta2, float(group["eps"]))
+        lr = _float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        return Ns, [lr] * len(items), [decay] * len(items)
+
+    def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
+        st = item.state
+        t = float(st["step"])
+        if t == 0:
+            return
+        beta1, beta2 = (float(b) for b in group["betas"])
+        m, v = transport_moments(self._w(st["exp_avg"]), self._w(st["exp_avg_sq"]), Q,
+                                 item.side,  # type: ignore[arg-type]
+                                 bias_correction1=1.0 - beta1 ** t,
+                                 bias_correction2=1.0 - beta2 ** t)
+        st["exp_avg"].copy_(self._st(m, item))
+        st["exp_avg_sq"].copy_(self._st(v, item))
+
+    def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
+        st = item.state
+        st["exp_avg"].zero_()
+        st["exp_avg_sq"].zero_()
+        st["step"].zero_()
+
+
+# ============================================================================
+# GaLoreAdafactor
+# ============================================================================
+class GaLoreAdafactor(_GaLoreBase):
+    r"""Adafactor (:class:`~matrixopt.optim.Adafactor`) on the projected gradient.
+
+    The projected gradient :math:`R` (r×n, m×r or r×r per matrix) goes through
+    the same functions as :class:`~matrixopt.optim.Adafactor`: factored second
+    moment over its two matrix dims (unless its short dim is below
+    ``min_dim_size_to_factor``), RMS clipping, relative step and parameter
+    scaling (with the RMS of the *full* parameter), optional momentum (kept in
+    the low-rank space), decoupled weight decay with the step size
+    :math:`\alpha_t`. The direction is mapped back and multiplied by ``scale``.
+
+    On refresh with ``on_refresh="transport"`` the momentum is rotated,
+    :math:`\tilde M = Q M`, and the second moment follows the same linear map as
+    LDAdam's variance term, :math:`\tilde V = (Q\circ Q) V`, which keeps the
+    factored form exactly: :math:`\tilde R = (Q\circ Q)R` on the projected side
+    and the other factor rescaled by :math:`\operatorname{mean}(\tilde R) /
+    \operatorname{mean}(R)` (Adafactor's momentum averages updates, not
+    gradients, so there is no :math:`m^2` correction). ``"reset"`` zeroes the
+    statistics and restarts the step count.
+
+    Args: Adafactor's (``lr``, ``eps``, ``clip_threshold``, ``decay_rate``,
+    ``beta1``, ``weight_decay``, ``scale_parameter``, ``relative_step``,
+    ``warmup_init``, ``min_dim_size_to_factor``, ``beta2_cap``,
+    ``momentum_dtype``; same defaults) and GaLore's (see :class:`GaLoreAdamW`).
+    Groups without ``rank`` are plain Adafactor.
+    """
+
+    _owner = "GaLoreAdafactor"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float | None = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        min_dim_size_to_factor: int = 1,
+        beta2_cap: float | None = None,
+        momentum_dtype: torch.dtype | None = None,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "warm",
+        on_refresh: str = "transport",
+        residual: str | None = None,
+        residual_granularity: str = "channel",
+        norm_growth_limit: float | None = 1.01,
+        stagger: int = 4,
+        seed: int = 0,
+        matrix_view: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter,
+            relative_step=relative_step, warmup_init=warmup_init,
+            min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
+            momentum_dtype=momentum_dtype,
+            **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
+                               residual, residual_granularity, norm_growth_limit, stagger, seed,
+                               matrix_view))
+        super().__init__(params, defaults)
+
+    def _check_inner(self, check: _GroupChecker) -> None:
+        check_adafactor_group(check)
+
+    def _plain_step(self, index: int, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        dims = [factored_dims(p.shape, group["min_dim_size_to_factor"]) for p in params]
+        for p, d in zip(params, dims):
+            if "step" not in self.state[p]:
+                init_adafactor_state(self.state[p], p, d, group["beta1"], group["momentum_dtype"])
+        adafactor_update_(params, grads, [self.state[p] for p in params], dims, group)
+
+    @staticmethod
+    def _factored(group: dict[str, Any], shape: tuple[int, ...]) -> bool:
+        return min(shape[-2:]) >= int(group["min_dim_size_to_factor"])
+
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+        nd = like.ndim
+        dims = (nd - 2, nd - 1) if self._factored(group, tuple(like.shape)) else None
+        init_adafactor_state(state, like, dims, group["beta1"], group["momentum_dtype"])
+
+    def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
+                         ) -> tuple[list[Tensor], list[Any], list[Any]]:
+        sts = [it.state for it in items]
+        beta2s, rhos = step_sizes([s["step"] for s in sts], group)
+
+        def w(s: dict[str, Any], k: str) -> Tensor | None:
+            return self._w(s[k]) if k in s else None
+
+        dims: list[tuple[int, int] | None] = [(1, 2) if "exp_avg_sq_row" in s else None
+                                               for s in sts]
+        us = adafactor_precondition_(Rs, [w(s, "exp_avg_sq_row") for s in sts],
+                                     [w(s, "exp_avg_sq_col") for s in sts],
+                                     [w(s, "exp_avg_sq") for s in sts], dims, beta2s,
+                                     float(group["eps"][0]))
+        clip = clip_factors(us, None if group["clip_threshold"] is None
+                            else float(group["clip_threshold"]))
+        params = [it.p.float() if it.p.dtype in _HALF else it.p for it in items]
+        if group["scale_parameter"]:
+            alphas: list[Any] = param_scale(params, float(group["eps"][1]))
+            torch._foreach_mul_(alphas, rhos)
+        else:
+            alphas = list(rhos)
+        coefs: list[Any] = alphas if clip is None else list(torch._foreach_mul(clip, alphas))
+        wd = float(group["weight_decay"])
+        decays = [1.0 - wd * a for a in alphas]
+        if group["beta1"] is not None:
+            beta1 = float(group["beta1"])
+            Ns = []
+            for s, u, c in zip(sts, us, coefs):
+                buf = self._w(s["exp_avg"])
+                buf.lerp_((u * c).to(buf.dtype), 1.0 - beta1)
+                Ns.append(buf.to(u.dtype))
+            return Ns, [1.0] * len(items), decays
+        return us, coefs, decays
+
+    def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
+        st = item.state
+        if float(st["step"]) == 0:
+            return
+        QL, QR = (Q if item.side == "both" else
+                  (Q, None) if item.side == "left" else (None, Q))
+
+        def both(T: Tensor, L: Tensor | None, Rm: Tensor | None) -> Tensor:
+            if L is not None:
+                T = L.to(T.dtype) @ T
+            if Rm is not None:
+                T = T @ Rm.to(T.dtype).mT
+            return T
+
+        sq = (lambda X: X * X)
+        AL = sq(QL) if QL is not None else None
+        AR = sq(QR) if QR is not None else None
+        if "exp_avg" in st:
+            buf = self._w(st["exp_avg"])
+            st["exp_avg"].copy_(self._st(both(buf.float(), QL, QR).to(buf.dtype), item))
+        if "exp_avg_sq_row" in st:
+            r = self._w(st["exp_avg_sq_row"])   # [b, r1, 1]
+            c = self._w(st["exp_avg_sq_col"])   # [b, 1, r2]
+            r_new = both(r, AL, None)
+            c_new = both(c, None, AR)
+            # keep R Cᵀ / mean(R) equal to the transported V (see the class docstring)
+            ratio = r_new.mean(dim=-2, keepdim=True) / r.mean(dim=-2, keepdim=True).clamp_min(1e-38)
+            st["exp_avg_sq_row"].copy_(self._st(r_new, item))
+            st["exp_avg_sq_col"].copy_(self._st(c_new * ratio, item))
+        else:
+            v = self._w(st["exp_avg_sq"])
+            st["exp_avg_sq"].copy_(self._st(both(v, AL, AR), item))
+
+    def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
+        for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+            if k in item.state:
+                item.state[k].zero_()
+        item.state["step"].zero_()
+
