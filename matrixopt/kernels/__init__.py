@@ -52,8 +52,7 @@ def is_available(device: Any = None) -> bool:
     True when triton imports and either the interpreter is on (any device; the
     interpreter copies to host memory -- meant for tests only) or ``device`` is a
     CUDA device and CUDA is available. ``device=None`` asks about the default
-    CUDA device. Never raises for an unknown device string other than through
-    ``torch.device`` parsing.
+    CUDA device. A malformed device string raises ``torch.device``'s error.
     """
     if not _triton_importable():
         return False

@@ -110,11 +110,10 @@ def test_gram_non_contiguous_inputs(layout: str) -> None:
 @given(batch=st.sampled_from([(), (1,), (3,)]), m=st.integers(1, 33), n=st.integers(1, 33),
        transpose=st.booleans())
 def test_gram_property_shapes(batch: tuple[int, ...], m: int, n: int, transpose: bool) -> None:
-    with pytest.MonkeyPatch.context() as mp:  # function fixtures do not reset per example
-        mp.setenv("TRITON_INTERPRET", "1")
-        X = _randn((*batch, m, n), torch.float32, seed=m * 100 + n)
-        _assert_close_to_f64(tops.gram(X, transpose=transpose), ref.gram(X, transpose=transpose),
-                             ref.gram(X.double(), transpose=transpose), f"gram {X.shape}")
+    # (the autouse fixture's environment stays set across hypothesis examples)
+    X = _randn((*batch, m, n), torch.float32, seed=m * 100 + n)
+    _assert_close_to_f64(tops.gram(X, transpose=transpose), ref.gram(X, transpose=transpose),
+                         ref.gram(X.double(), transpose=transpose), f"gram {X.shape}")
 
 
 # ------------------------------------------------------------------------- sym_poly
@@ -167,15 +166,13 @@ def test_poly_step_general_B_and_views() -> None:
 @given(m=st.integers(1, 24), n=st.integers(1, 24), right=st.booleans(),
        dtype=st.sampled_from(DTYPES))
 def test_poly_step_property_shapes(m: int, n: int, right: bool, dtype: torch.dtype) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        X = _randn((m, n), dtype, seed=m + 31 * n)
-        k = n if right else m
-        B = (_randn((k, k), torch.float64, seed=m * n + 1) / k).to(dtype)
-        _assert_close_to_f64(tops.poly_step(X, B, 1.875, right=right),
-                             ref.poly_step(X, B, 1.875, right=right),
-                             ref.poly_step(X.double(), B.double(), 1.875, right=right),
-                             f"poly_step {dtype} {m}x{n} right={right}")
+    X = _randn((m, n), dtype, seed=m + 31 * n)
+    k = n if right else m
+    B = (_randn((k, k), torch.float64, seed=m * n + 1) / k).to(dtype)
+    _assert_close_to_f64(tops.poly_step(X, B, 1.875, right=right),
+                         ref.poly_step(X, B, 1.875, right=right),
+                         ref.poly_step(X.double(), B.double(), 1.875, right=right),
+                         f"poly_step {dtype} {m}x{n} right={right}")
 
 
 # ------------------------------------------------------- composition, edge cases, errors
@@ -327,6 +324,69 @@ def test_package_import_is_light() -> None:
                                             if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+# ------------------------------------------------- compiled path, without a GPU
+
+def _aot_compile(body, ptrs: tuple[str, ...], unit_strides: tuple[str, ...], dtype: str,
+                 config, arch: int):
+    """Compile ``body`` ahead of time for ``sm_<arch>`` (Triton's compiler + ptxas, no GPU).
+
+    Arguments are specialised as a launch on row-major, 16-aligned tensors
+    specialises them: unit strides become constants, other ints and pointers
+    are marked 16-divisible.
+    """
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = {**config.kwargs, "UPCAST": False, "ROUND_BF16": False,
+             "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(body).parameters):
+        if name in const or name in unit_strides:
+            sig[name] = "constexpr"
+            const.setdefault(name, 1)
+        elif name in ptrs:
+            sig[name], attrs[(i,)] = "*" + dtype, [["tt.divisibility", 16]]
+        elif name.startswith("coef"):
+            sig[name] = "fp32"
+        else:
+            sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+    src = ASTSource(triton.jit(body), sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize("arch", [80, 90])  # Ampere (A100), Hopper (H100)
+def test_kernels_compile_for_cuda_targets(arch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled (non-interpreted) path lowers to a cubin for sm_80 and sm_90.
+
+    The interpreter skips Triton's compiler entirely, so this is the only check
+    on a CPU-only machine that the kernel bodies are valid compiled Triton.
+    One mid-size autotune config per kernel, bfloat16, to keep it quick.
+    """
+    import triton
+
+    from matrixopt.kernels import _gram, _poly
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton.jit must build a JITFunction
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend to compile with")
+    cfg_sq = next(c for c in _gram.configs(False) if c.kwargs == {"BLOCK": 64, "BLOCK_K": 32})
+    cfg_mm = next(c for c in _poly.configs(False)
+                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (64, 64, 32))
+    jobs = [(_gram.gram_kernel, ("X", "C"), ("stride_xk", "stride_cn"), cfg_sq),
+            (_gram.sym_poly_kernel, ("A", "C"), ("stride_an", "stride_cn"), cfg_sq),
+            (_poly.poly_kernel, ("P", "Q", "D", "O"),
+             ("stride_pk", "stride_qn", "stride_dn", "stride_on"), cfg_mm)]
+    for body, ptrs, units, cfg in jobs:
+        k = _aot_compile(body, ptrs, units, "bf16", cfg, arch)
+        assert len(k.asm["cubin"]) > 0, body.__name__
+        assert k.metadata.shared > 0, f"{body.__name__}: no shared-memory tiles (not pipelined?)"
 
 
 # ----------------------------------------------------------------------------- GPU
