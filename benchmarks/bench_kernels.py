@@ -40,8 +40,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _A, _B, _C = 3.4445, -4.7750, 2.0315
 
 
-def _sym(k: int, dtype: torch.dtype, device: str, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Symmetric PSD ``k×k`` matrix of spectral norm <= 1, like ``X Xᵀ`` in a Newton–Schulz step."""
+def _sym(k: int, dtype: torch.dtype, device: str,
+         gen: torch.Generator | None = None) -> torch.Tensor:
+    """Symmetric PSD ``k×k`` matrix, spectral norm <= 1, like ``X Xᵀ`` in a Newton–Schulz step."""
     Y = torch.randn(k, k, generator=gen, device=device, dtype=torch.float32)
     A = Y @ Y.mT
     A = A / torch.linalg.matrix_norm(A, ord=2)
@@ -79,9 +80,11 @@ def _gpu_kernels(sizes: Sequence[int], aspects: Sequence[int], dtype: torch.dtyp
                 fn(tops)  # autotune outside the timed region
                 t_triton = triton.testing.do_bench(lambda: fn(tops), warmup=warmup, rep=rep)
                 rows.append({
-                    "kernel": name, "shape": f"{rr}x{cc}", "dtype": str(dtype).removeprefix("torch."),
+                    "kernel": name, "shape": f"{rr}x{cc}",
+                    "dtype": str(dtype).removeprefix("torch."),
                     "torch_ms": t_torch, "triton_ms": t_triton,
-                    "torch_TFLOPs": flops / t_torch / 1e9, "triton_eff_TFLOPs": flops / t_triton / 1e9,
+                    "torch_TFLOPs": flops / t_torch / 1e9,  # flops / (ms·1e-3) / 1e12
+                    "triton_eff_TFLOPs": flops / t_triton / 1e9,
                     "speedup": t_torch / t_triton,
                     "dispatch": tops.should_dispatch(min(rr, cc), max(rr, cc), dtype),
                 })

@@ -48,7 +48,9 @@ def poly_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``O[b] = coef_a·D[b] + P[b]·Q[b]`` with ``P[b]`` M×K, ``Q[b]`` K×N, ``D[b]``, ``O[b]`` M×N.
+    """``O[b] = coef_a·D[b] + P[b]·Q[b]``.
+
+    ``P[b]`` is M×K, ``Q[b]`` K×N, ``D[b]`` and ``O[b]`` M×N.
 
     One program per (batch, output tile). Tiles are visited in groups of
     ``GROUP_M`` tile rows so that consecutive programs reuse the same column

@@ -116,8 +116,9 @@ def _mode_flags(interpret: bool, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def gram(X: Tensor, *, transpose: bool = False) -> Tensor:
-    r"""Symmetric Gram product :math:`X X^\top` (``[..., m, m]``) or :math:`X^\top X` (``[..., n, n]``).
+    r"""Symmetric Gram product :math:`X X^\top`, or :math:`X^\top X` if ``transpose``.
 
+    ``X`` is ``[..., m, n]``; the result is ``[..., m, m]`` (``[..., n, n]``).
     Triton version of :func:`matrixopt.kernels.reference.gram`. Only the
     ``T(T+1)/2`` lower-triangle tiles of the ``T×T``-tile output are computed
     (``T = ceil(k / BLOCK)``) and each off-diagonal tile is also stored
@@ -178,8 +179,9 @@ def sym_poly(A: Tensor, b: float, c: float) -> Tensor:
 
 
 def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False) -> Tensor:
-    r"""Polynomial update :math:`a X + B X` (``B``: ``[..., m, m]``) or, if ``right``, :math:`a X + X B` (``B``: ``[..., n, n]``).
+    r"""Polynomial update :math:`a X + B X`, or :math:`a X + X B` if ``right``.
 
+    ``X`` is ``[..., m, n]``; ``B`` is ``[..., m, m]`` (left) or ``[..., n, n]`` (right).
     Triton version of :func:`matrixopt.kernels.reference.poly_step`: one GEMM
     (:math:`2 m^2 n` or :math:`2 m n^2` flops) whose epilogue adds ``a·X`` in
     float32 before the single rounding to the output dtype. ``X`` and ``B``

@@ -253,7 +253,8 @@ def test_int64_batch_offsets() -> None:
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
-        f"kernel process died (rc={proc.returncode}); int32 offset overflow?\n{proc.stderr[-3000:]}")
+        f"kernel process died (rc={proc.returncode}); int32 offset overflow?\n"
+        f"{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in res:
         pytest.skip(f"cannot reserve 4.3 GB of virtual memory for this test: {res['skip']}")
@@ -317,8 +318,9 @@ def test_should_dispatch() -> None:
 
 def test_package_import_is_light() -> None:
     """``import matrixopt.kernels`` must not import triton (linalg imports it lazily)."""
-    code = ("import sys, matrixopt.kernels as k; "
-            "print(sorted(m for m in ('triton', 'matrixopt.kernels.triton_ops') if m in sys.modules))")
+    code = ("import sys, matrixopt.kernels; "
+            "print(sorted(m for m in ('triton', 'matrixopt.kernels.triton_ops') "
+            "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={k: v for k, v in os.environ.items()
                                             if k != "TRITON_INTERPRET"})
@@ -378,7 +380,7 @@ def test_kernels_compile_for_cuda_targets(arch: int, monkeypatch: pytest.MonkeyP
         pytest.skip("this triton build has no NVIDIA backend to compile with")
     cfg_sq = next(c for c in _gram.configs(False) if c.kwargs == {"BLOCK": 64, "BLOCK_K": 32})
     cfg_mm = next(c for c in _poly.configs(False)
-                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (64, 64, 32))
+                  if [c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")] == [64, 64, 32])
     jobs = [(_gram.gram_kernel, ("X", "C"), ("stride_xk", "stride_cn"), cfg_sq),
             (_gram.sym_poly_kernel, ("A", "C"), ("stride_an", "stride_cn"), cfg_sq),
             (_poly.poly_kernel, ("P", "Q", "D", "O"),
