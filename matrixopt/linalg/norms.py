@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from matrixopt.linalg._checks import check_finite as _check_finite
 from matrixopt.linalg._checks import check_matrix, check_positive_int
-from matrixopt.linalg.svd import GeneratorLike, _amax_scale, _compute_dtype, _gaussian
-from matrixopt.linalg.svd import _resolve_generator
+from matrixopt.linalg.svd import GeneratorLike, _gaussian, _prepare, _resolve_generator
 
 __all__ = ["spectral_norm"]
 
@@ -52,16 +50,12 @@ def spectral_norm(A: Tensor, n_iter: int = 10, *, generator: GeneratorLike = Non
     """
     A = check_matrix(A, "A")
     check_positive_int(n_iter, "n_iter", allow_zero=True)
-    if check_finite:
-        _check_finite(A, "A")
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
     if m == 0 or n == 0:
         return torch.zeros(batch, dtype=A.dtype, device=A.device)
     gen = _resolve_generator(generator, A.device)
-    X = A.to(_compute_dtype(A.dtype))
-    scale = _amax_scale(X)
-    X = X / scale
+    X, _, scale = _prepare(A, "A", check_finite)
     # Iterate on the short side so the vector (and its normalisation) is smallest.
     if m < n:
         X = X.mT
@@ -72,5 +66,7 @@ def spectral_norm(A: Tensor, n_iter: int = 10, *, generator: GeneratorLike = Non
         nrm = torch.linalg.vector_norm(y, dim=-2, keepdim=True)
         # A zero matrix gives y = 0; keep x instead of dividing by zero.
         x = torch.where(nrm > 0, y / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), x)
-    sigma = torch.linalg.vector_norm(X @ x, dim=(-2, -1)) * scale[..., 0, 0]
+    sigma = torch.linalg.vector_norm(X @ x, dim=(-2, -1))
+    if scale is not None:
+        sigma = sigma * scale[..., 0, 0]
     return sigma.to(A.dtype)

@@ -61,9 +61,9 @@ import torch
 from torch import Tensor
 
 from matrixopt.kernels.reference import gram, poly_step
-from matrixopt.linalg._checks import check_choice, check_finite as _check_finite
+from matrixopt.linalg._checks import check_choice
 from matrixopt.linalg._checks import check_matrix, check_positive_int
-from matrixopt.linalg.svd import _amax_scale, _compute_dtype
+from matrixopt.linalg.svd import _compute_dtype, _prepare
 
 __all__ = ["PolarResult", "polar", "select_polar_method", "POLAR_METHODS"]
 
@@ -125,7 +125,7 @@ def _scaled_cubic(lower: float) -> tuple[float, float, float]:
 
 
 def _newton_schulz(X: Tensor, tol: float, max_steps: int) -> tuple[Tensor, Tensor, int]:
-    """Iterate to the orthonormal polar factor. ``X``: amax-scaled, compute dtype.
+    """Iterate to the orthonormal polar factor. ``X``: compute dtype, entries in range (``_prepare``).
 
     Returns ``(U, converged, steps)``; ``converged`` is a bool tensor ``[...]``.
     """
@@ -222,8 +222,6 @@ def polar(A: Tensor, side: Literal["right", "left"] = "right", *,
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
                             or not tol > 0 or not math.isfinite(tol)):
         raise ValueError(f"tol must be None or a finite float > 0, got {tol!r}")
-    if check_finite:
-        _check_finite(A, "A")
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
     out_dtype = A.dtype
@@ -233,9 +231,7 @@ def polar(A: Tensor, side: Literal["right", "left"] = "right", *,
         return PolarResult(torch.empty_like(A),
                            torch.zeros(*batch, hk, hk, dtype=out_dtype, device=A.device))
 
-    X = A.to(cdt)
-    scale = _amax_scale(X)
-    X = X / scale
+    X, amax, scale = _prepare(A, "A", check_finite)
     chosen = select_polar_method(A) if method == "auto" else method
 
     if chosen == "svd":
@@ -260,10 +256,11 @@ def polar(A: Tensor, side: Literal["right", "left"] = "right", *,
     H = 0.5 * (H + H.mT)
     # scipy (LAPACK) returns the identity block for a zero matrix; make it explicit
     # rather than depend on the SVD driver.
-    zero = (scale == 1) & (X.abs().amax(dim=(-2, -1), keepdim=True) == 0)
+    zero = amax == 0
     if bool(zero.any()):
         eye = torch.eye(m, n, dtype=cdt, device=A.device)
         U = torch.where(zero, eye, U)
         H = torch.where(zero, torch.zeros_like(H), H)
-    H = H * scale
+    if scale is not None:
+        H = H * scale
     return PolarResult(U.to(out_dtype), H.to(out_dtype))

@@ -48,13 +48,12 @@ import torch
 from torch import Tensor
 
 from matrixopt.linalg._checks import check_choice, check_dtype
-from matrixopt.linalg._checks import check_finite as _check_finite
 from matrixopt.linalg._checks import check_matrix, check_positive_int
 from matrixopt.linalg.svd import (
     GeneratorLike,
-    _amax_scale,
     _check_rank,
     _compute_dtype,
+    _prepare,
     _gaussian,
     _range_finder,
     _resolve_generator,
@@ -190,7 +189,8 @@ def lowrank_basis(G: Tensor, rank: int, *,
             :func:`projection_side` (G.shape, "std")). For ``proj_type="full"``
             call twice, once per side.
         previous: the previous basis for the same side, ``[..., k, rank]``
-            (batch dims broadcastable); the warm start and the alignment target.
+            (batch dims broadcastable), with orthonormal columns as returned
+            here; the warm start and the alignment target.
         n_iter: power iterations (``None``: method default).
         oversample: extra random columns (``None``: method default).
         seed: ``None`` (fixed seed 0), an int or a ``torch.Generator`` on G's
@@ -237,12 +237,9 @@ def lowrank_basis(G: Tensor, rank: int, *,
                 f"previous must have shape [..., {k}, {rank}] (the {side} basis of a "
                 f"{m}x{n} G at rank {rank}), got {tuple(previous.shape)}"
             )
-    if check_finite:
-        _check_finite(G, "G")
-
     cdt = _compute_dtype(G.dtype)
-    X = G.to(cdt)
-    X = X / _amax_scale(X)  # the basis is scale-invariant; keeps 1e±30 finite
+    # the basis is scale-invariant, so the rescaling of 1e±30 inputs is free
+    X, _, _ = _prepare(G, "G", check_finite)
     if side == "right":
         X = X.mT
     size = min(rank + oversample, m, n)

@@ -20,6 +20,7 @@ seed for other draws.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -82,14 +83,35 @@ def _orth(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def _amax_scale(A: Tensor) -> Tensor:
-    """Per-matrix max |a_ij| with shape ``[..., 1, 1]``; 1 where the matrix is zero.
+# Matrices whose largest entry lies in [2^-40, 2^40] are used as they are: sums of
+# up to 2^46 squares then neither overflow nor underflow in float32. Outside that
+# range (rare: 1e±30 inputs) each matrix is divided by its largest |entry| first.
+_SCALE_LO, _SCALE_HI = 2.0**-40, 2.0**40
 
-    Dividing by it first keeps Gram matrices and norms finite for entries
-    near 1e30 or 1e-30 in float32.
+
+def _prepare(A: Tensor, name: str, check_finite: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Cast ``A`` to the compute dtype, check finiteness and rescale extreme inputs.
+
+    Returns ``(X, amax, scale)``: ``amax`` is the per-matrix max |a_ij|
+    (``[..., 1, 1]``, in the compute dtype), ``scale`` is ``None`` when ``X`` is
+    ``A`` itself, else the per-matrix divisor used (``X = A / scale``; 1 for zero
+    matrices). Costs two reductions over ``A`` (no temporaries, unlike
+    ``A.abs().amax()`` or ``isfinite(A).all()``) and one host sync; a NaN or Inf
+    shows up as a non-finite ``amax``, so the finiteness check is free.
     """
-    s = A.abs().amax(dim=(-2, -1), keepdim=True)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    X = A.to(_compute_dtype(A.dtype))
+    if X.numel() == 0:
+        return X, X.new_zeros((*X.shape[:-2], 1, 1)), None
+    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+    lo, hi = (float(v) for v in torch.stack([amax.min(), amax.max()]).tolist())
+    if check_finite and not math.isfinite(hi):
+        raise ValueError(f"{name} contains NaN or Inf; pass check_finite=False to skip this check")
+    positive = amax[amax > 0] if lo == 0.0 else amax
+    lo_pos = float(positive.min()) if positive.numel() else 1.0
+    if _SCALE_LO <= lo_pos and hi <= _SCALE_HI or not math.isfinite(hi):
+        return X, amax, None
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return X / scale, amax, scale
 
 
 def _sign_convention(U: Tensor, Vh: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -123,8 +145,8 @@ def _range_finder(A: Tensor, size: int, n_iter: int, generator: torch.Generator,
 
     Randomized subspace iteration (HMT Algorithm 4.4): :math:`Q = \mathrm{orth}(A\Omega)`,
     then ``n_iter`` times :math:`Z = \mathrm{orth}(A^\top Q)`, :math:`Q = \mathrm{orth}(A Z)`.
-    A warm start ``Q0`` ([..., m, k], k <= size) replaces the first ``k`` sketch
-    columns (the rest stay Gaussian sketches :math:`A\Omega`).
+    A warm start ``Q0`` ([..., m, k], k <= size, orthonormal columns) replaces
+    the first ``k`` sketch columns (the rest stay Gaussian sketches :math:`A\Omega`).
 
     Also returns ``R`` from the last QR, :math:`AZ = QR` (so :math:`R = Q^\top A Z`),
     when ``n_iter >= 1``, else ``None``. Its SVD is a free Rayleigh–Ritz step that
@@ -140,8 +162,11 @@ def _range_finder(A: Tensor, size: int, n_iter: int, generator: torch.Generator,
         Q = Q0.expand(*batch, m, k)
         if size > k:
             Omega = _gaussian((*batch, n, size - k), generator, A.device, A.dtype)
-            Q = torch.cat([Q, A @ Omega], dim=-1)
-        Q = _orth(Q)
+            Q = _orth(torch.cat([Q, A @ Omega], dim=-1))
+        elif n_iter == 0:
+            Q = _orth(Q)
+        # else: an orthonormal warm start needs no QR before A^T Q (saves one of
+        # the three QRs of a one-iteration refresh)
     R: Tensor | None = None
     for _ in range(n_iter):
         Z = _orth(A.mT @ Q)
@@ -197,13 +222,9 @@ def randomized_svd(A: Tensor, rank: int, *, oversample: int = 8, n_iter: int = 2
     _check_rank(rank, m, n)
     check_positive_int(oversample, "oversample", allow_zero=True)
     check_positive_int(n_iter, "n_iter", allow_zero=True)
-    if check_finite:
-        _check_finite(A, "A")
     gen = _resolve_generator(generator, A.device)
     out_dtype = A.dtype
-    X = A.to(_compute_dtype(A.dtype))
-    scale = _amax_scale(X)
-    X = X / scale
+    X, _, scale = _prepare(A, "A", check_finite)
     size = min(rank + oversample, m, n)
     if size >= min(m, n):
         # The sketch would span the whole range: an exact thin SVD is cheaper and exact.
@@ -215,7 +236,8 @@ def randomized_svd(A: Tensor, rank: int, *, oversample: int = 8, n_iter: int = 2
     U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
     U, Vh = _sign_convention(U, Vh)
     assert Vh is not None
-    S = S * scale[..., 0]
+    if scale is not None:
+        S = S * scale[..., 0]
     return U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype)
 
 
@@ -268,11 +290,9 @@ def subspace_iteration(A: Tensor, Q0: Tensor, n_iter: int = 1, *,
         )
     _check_rank(Q0.shape[-1], *A.shape[-2:], name="Q0.shape[-1] (the rank r)")
     if check_finite:
-        _check_finite(A, "A")
         _check_finite(Q0, "Q0")
     cdt = _compute_dtype(torch.promote_types(A.dtype, Q0.dtype))
-    X = X.to(cdt)
-    X = X / _amax_scale(X)
+    X, _, _ = _prepare(X.to(cdt), "A", check_finite)
     batch = torch.broadcast_shapes(X.shape[:-2], Q0.shape[:-2])
     Q = _orth(Q0.to(cdt).expand(*batch, *Q0.shape[-2:]))
     for _ in range(n_iter):
