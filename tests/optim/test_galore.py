@@ -218,7 +218,8 @@ _OPTIONS = ([{"proj_type": t} for t in ("std", "reverse_std", "left", "right", "
             + [{"projector": p, "on_refresh": o} for p in ("warm", "rsvd", "svd", "random")
                for o in ("transport", "reset", "keep")]
             + [{"residual": r, "residual_granularity": g} for r in ("fira", "apollo")
-               for g in ("channel", "tensor")])
+               for g in ("channel", "tensor")]
+            + [{"proj_dtype": torch.bfloat16}, {"proj_dtype": torch.bfloat16, "residual": "fira"}])
 
 
 def _least_squares(cls, option, steps=25):
@@ -356,7 +357,7 @@ def test_refresh_is_staggered_and_same_shapes_are_batched(monkeypatch):
     ("rank", 0), ("rank", -3), ("rank", 2.5), ("update_proj_gap", 0), ("scale", -1.0),
     ("proj_type", "diagonal"), ("projector", "qr"), ("on_refresh", "rotate"),
     ("residual", "lora"), ("residual_granularity", "row"), ("stagger", 0),
-    ("norm_growth_limit", 0.5), ("matrix_view", "split"),
+    ("norm_growth_limit", 0.5), ("matrix_view", "split"), ("proj_dtype", torch.int32),
 ])
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor])
 def test_bad_values_raise_at_construction_naming_the_group(cls, key, value):
