@@ -31,7 +31,10 @@ name                        steps  source
                                    authors' safety 1.01 on all but the last step
 ``"cans"``                  5      Grishina, Smirnov, Rakhuba 2025 (CANS): the
                                    greedy minimax composition for ℓ = 1e-3
-                                   without cushion or safety
+                                   without cushion (their table), used with
+                                   post-hoc and input safety 1.02 (the bare
+                                   table diverges in bfloat16); no cushion, so
+                                   less accurate than Polar Express in bf16
 ``"newton_schulz"``         14     classic quintic (15/8, −10/8, 3/8); converges
                                    to the exact polar factor
 ``"newton_schulz_cubic"``   21     classic cubic (3/2, −1/2, 0); converges
@@ -262,7 +265,15 @@ def _build_presets() -> dict[str, CoefficientPreset]:
     )
     pe5 = tuple(polar_express_coefficients(1e-3, 5, safety=1.02, cushion=0.02))
     pe8 = tuple(apply_safety(polar_express_coefficients(1e-3, 8, cushion=PAPER_CUSHION), 1.01))
-    cans = tuple(polar_express_coefficients(1e-3, 5))
+    # CANS's table has no safety margin: in bfloat16 the round-off of a singular
+    # value at the top of the range (e.g. a rank-1 input) overshoots the next
+    # polynomial's interval and the iteration diverges (measured: σ_max 1e36 even
+    # with the input divided by 1.05·‖X‖_F). Post-hoc and input safety 1.02 (as
+    # Polar Express's 5-step preset) prevent that. What safety cannot fix: without
+    # a cushion the first polynomial dips to ℓ₁ ≈ 0.008 inside the interval
+    # (near 0.82), so in bfloat16 such a direction falls to round-off level and
+    # may end far below the band; prefer "polar_express" for bfloat16.
+    cans = tuple(apply_safety(polar_express_coefficients(1e-3, 5), 1.02))
     presets = [
         CoefficientPreset("keller", (keller,) * 5, 1.0, keller, None,
                           "Jordan et al. 2024, Muon (torch.optim.Muon default)"),
@@ -272,8 +283,8 @@ def _build_presets() -> dict[str, CoefficientPreset]:
                           "Amsel et al. 2025, Polar Express, 5 steps, safety 1.02, cushion 0.02"),
         CoefficientPreset("polar_express_8", pe8, 1.01, NEWTON_SCHULZ, 1e-3,
                           "Amsel et al. 2025, Polar Express, 8 steps (paper table), safety 1.01"),
-        CoefficientPreset("cans", cans, 1.0, NEWTON_SCHULZ, 1e-3,
-                          "Grishina, Smirnov, Rakhuba 2025, CANS, 5 steps, l = 1e-3"),
+        CoefficientPreset("cans", cans, 1.02, NEWTON_SCHULZ, 1e-3,
+                          "Grishina, Smirnov, Rakhuba 2025, CANS, 5 steps, l = 1e-3, safety 1.02"),
         # Step counts: enough for every normalised sigma >= 1e-3 to end within 1e-6 of 1
         # (checked in float64 by the tests).
         CoefficientPreset("newton_schulz", (NEWTON_SCHULZ,) * 14, 1.0, NEWTON_SCHULZ, 1e-3,

@@ -257,8 +257,8 @@ def orthogonalize(
             which stops round-off drift of :math:`R` in half precision; ``None``
             never restarts.
         safety: normalisation safety factor (≥ 1); ``None`` = the preset's
-            (1.02 for ``"polar_express"``, 1.01 for ``"polar_express_8"``, 1
-            otherwise and for explicit coefficients).
+            (1.02 for ``"polar_express"`` and ``"cans"``, 1.01 for
+            ``"polar_express_8"``, 1 otherwise and for explicit coefficients).
         check_finite: raise ``ValueError`` if ``G`` holds NaN/Inf (one host sync).
 
     Returns:
@@ -300,55 +300,61 @@ def orthogonalize(
     if normalization == "frobenius":
         nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
         X = (X / (nrm * s + eps)).to(work)
-        A = A2 = None
+        A = None
     else:
         # Frobenius first (σ ≤ 1 so nothing overflows in half precision), then
         # refine with the first Gram matrix, which the iteration needs anyway.
         nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
         X = (X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))).to(work)
         A = ops.gram(X, transpose=right)
+        Aacc = A.to(_acc_dtype(A.dtype))
         if normalization == "spectral":
-            A2 = ops.sym_poly(A, 0.0, 1.0)
-            t = torch.linalg.vector_norm(A2.to(_acc_dtype(A2.dtype)), dim=(-2, -1),
-                                         keepdim=True).pow(0.25) * s
+            # ‖A²‖_F^(1/4) = (Σσ⁸)^(1/8) >= σ_max. A² costs 2k³ (a few % of the
+            # iteration); it is not reused in the first step because a rounded
+            # A² times c (≈ 16) would add c·2⁻⁹ errors that sym_poly's fused
+            # b·A + c·A² (one rounding after fp32 accumulation) avoids.
+            t = torch.linalg.vector_norm(Aacc @ Aacc if A.dtype == Aacc.dtype
+                                         else ops.sym_poly(A, 0.0, 1.0).to(Aacc.dtype),
+                                         dim=(-2, -1), keepdim=True).pow(0.25) * s
             t = torch.where(t > 0, t, torch.ones_like(t))
             X = (X / t).to(work)
-            A = (A / t**2).to(work)
-            A2 = (A2 / t**4).to(work)
+            A = (Aacc / t**2).to(work)
         else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
-            rows = A.to(_acc_dtype(A.dtype)).abs().sum(dim=-1, keepdim=True)
+            rows = Aacc.abs().sum(dim=-1, keepdim=True)
             d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
             X = (X * (d.mT if right else d)).to(work)
-            A = (d * A * d.mT).to(work)
-            A2 = None
+            A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":
-        X = _standard(ops, X, schedule, right, A, A2)
+        X = _standard(ops, X, schedule, right, A)
     else:
-        X = _gram_ns(ops, X, schedule, right, restart_every, A, A2)
+        X = _gram_ns(ops, X, schedule, right, restart_every, A)
     return X.reshape(G.shape).to(G.dtype)
 
 
-def _poly(ops: ModuleType, A: Tensor, A2: Tensor | None, b: float, c: float) -> Tensor:
-    """b A + c A², from a precomputed A² when the normalisation made one."""
-    return ops.sym_poly(A, b, c) if A2 is None else (b * A + c * A2).to(A.dtype)
-
-
 def _standard(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
-              right: bool, A: Tensor | None, A2: Tensor | None) -> Tensor:
+              right: bool, A: Tensor | None) -> Tensor:
     """X ← a X + (b A + c A²) X per step (X B for tall X, with A = XᵀX)."""
     for a, b, c in schedule:
         if A is None:
             A = ops.gram(X, transpose=right)
-        B = _poly(ops, A, A2, b, c)
-        X = ops.poly_step(X, B, a, right=right)
-        A = A2 = None
+        X = ops.poly_step(X, _sym_poly(ops, A, b, c), a, right=right)
+        A = None
     return X
 
 
+def _sym_poly(ops: ModuleType, A: Tensor, b: float, c: float) -> Tensor:
+    """b A + c A²; the cubic case (c = 0) skips the product.
+
+    Also a workaround: torch 2.13's CPU ``baddbmm`` ignores ``alpha=0`` for
+    batched bfloat16/float16 inputs (it adds A·A anyway), which made the cubic
+    Newton–Schulz preset diverge in bfloat16.
+    """
+    return ops.sym_poly(A, b, c) if c != 0.0 else (A * b).to(A.dtype)
+
+
 def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
-             right: bool, restart_every: int | None, R: Tensor | None,
-             R2: Tensor | None) -> Tensor:
+             right: bool, restart_every: int | None, R: Tensor | None) -> Tensor:
     """Gram Newton–Schulz: iterate on R = XXᵀ and Q with X_t = Q X_0 (X_0 Q if tall).
 
     With H = aI + bR + cR² (a polynomial in R, so it commutes with R):
@@ -363,8 +369,7 @@ def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, floa
             Q, R = None, None
         if R is None:
             R = ops.gram(X, transpose=right)
-        B = _poly(ops, R, R2, b, c)
-        R2 = None
+        B = _sym_poly(ops, R, b, c)
         Q = _eye_plus(B, a) if Q is None else ops.poly_step(Q, B, a, right=right)
         restart_next = restart_every is not None and (t + 1) % restart_every == 0
         if t + 1 < T and not restart_next:

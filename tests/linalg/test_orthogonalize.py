@@ -1,0 +1,514 @@
+"""orthogonalize against float64 SVD references and scalar polynomial compositions.
+
+Reference (computed here, independently of the code under test): with
+G = U S Vᵀ in float64 and ŝ the normalised singular values (Frobenius:
+S / (s·‖G‖_F); spectral: S / (s·(Σσ⁸)^(1/8)); AOL: the singular values of
+D G / s with D from G Gᵀ), the exact result of T polynomial steps is
+U P(ŝ) Vᵀ, P the scalar composition of the schedule. Each schedule therefore
+promises the band [min P, max P] over the interval of normalised singular values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import matrixopt.kernels.reference as reference_ops
+from matrixopt.linalg.coefficients import PRESETS, resolve_coefficients
+from matrixopt.linalg.orthogonalize import (
+    orthogonalize,
+    orthogonalize_flops,
+    resolve_backend,
+    resolve_method,
+)
+
+F64 = torch.float64
+SAFETY = {"polar_express": 1.02, "polar_express_8": 1.01, "cans": 1.02}  # REFERENCE.md / docs
+
+
+# ------------------------------------------------------------------ helpers
+def _compose(schedule, x):
+    for a, b, c in schedule:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def _reference(G: torch.Tensor, coefficients, normalization: str, *, steps=None,
+               eps: float = 1e-7):
+    """(U, ŝ, Vh, U P(ŝ) Vh, P) in float64 for G [..., m, n]."""
+    G = G.to(F64)
+    sched = resolve_coefficients(coefficients, steps)
+    s = SAFETY.get(coefficients, 1.0) if isinstance(coefficients, str) else 1.0
+    m, n = G.shape[-2:]
+    if normalization == "aol":
+        if m > n:
+            d = (G.mT @ G).abs().sum(-1)
+            X = G * torch.where(d > 0, d.rsqrt(), 0)[..., None, :]
+        else:
+            d = (G @ G.mT).abs().sum(-1)
+            X = G * torch.where(d > 0, d.rsqrt(), 0)[..., :, None]
+        U, S, Vh = torch.linalg.svd(X / s, full_matrices=False)
+        Sh = S
+    else:
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        amax = G.abs().amax(dim=(-2, -1))[..., None]
+        if normalization == "frobenius":
+            nu = s * S.square().sum(-1, keepdim=True).sqrt() + eps * amax
+        else:
+            nu = s * S.pow(8).sum(-1, keepdim=True).pow(0.125)
+        Sh = S / torch.where(nu > 0, nu, 1.0)
+    P = _compose(sched, Sh)
+    return U, Sh, Vh, (U * P[..., None, :]) @ Vh, P
+
+
+def _with_spectrum(shape, sigmas_fn, seed: int = 0, dtype=F64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(*shape, generator=g, dtype=F64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    S = sigmas_fn(S.shape[-1]).to(F64).expand_as(S)
+    return ((U * S[..., None, :]) @ Vh).to(dtype)
+
+
+def _logspace(lo: float):
+    return lambda k: torch.logspace(0, math.log10(lo), k, dtype=F64) if k > 1 else torch.ones(1, dtype=F64)
+
+
+def _directional(U, O, Vh):
+    """u_iᵀ O v_i: how the i-th input singular direction is mapped."""
+    return torch.einsum("...mk,...mn,...kn->...k", U, O.to(F64), Vh)
+
+
+# ----------------------------------------------------- exact (float64) tests
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_float64_equals_scalar_composition(name, normalization, method):
+    for shape in [(5, 9), (9, 5), (2, 6, 6)]:
+        G = _with_spectrum(shape, _logspace(1e-2), seed=len(shape) + shape[0])
+        *_, E, _ = _reference(G, name, normalization)
+        O = orthogonalize(G, coefficients=name, normalization=normalization, method=method)
+        assert O.dtype == F64 and O.shape == G.shape
+        torch.testing.assert_close(O, E, rtol=0, atol=1e-9)
+
+
+def test_explicit_coefficients_and_steps():
+    G = _with_spectrum((6, 10), _logspace(0.05), seed=3)
+    sched = [(2.0, -1.5, 0.5), (1.875, -1.25, 0.375)]
+    *_, E, _ = _reference(G, sched, "frobenius", steps=4)
+    torch.testing.assert_close(orthogonalize(G, coefficients=sched, steps=4), E,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["newton_schulz", "newton_schulz_cubic", "polar_express_8"])
+def test_convergent_presets_give_the_exact_polar_factor(name):
+    # normalised singular values stay >= 1e-3 (the presets' promised interval)
+    G = _with_spectrum((2, 7, 12), _logspace(1e-2), seed=11)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    O = orthogonalize(G, coefficients=name)
+    torch.testing.assert_close(O, U @ Vh, rtol=0, atol=1e-8)
+    # and agrees with scipy's polar decomposition on a square matrix
+    A = _with_spectrum((9, 9), _logspace(1e-2), seed=5)
+    u, _ = scipy.linalg.polar(A.numpy())
+    np.testing.assert_allclose(orthogonalize(A, coefficients=name).numpy(), u, atol=1e-8)
+
+
+# ------------------------------------------------ property tests (hypothesis)
+_PRESET_NAMES = sorted(PRESETS)
+
+
+@st.composite
+def _cases(draw):
+    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
+    m = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["gauss", "conditioned", "rank_deficient", "zero"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, F64]))
+    name = draw(st.sampled_from(_PRESET_NAMES))
+    normalization = draw(st.sampled_from(["frobenius", "spectral", "aol"]))
+    # bfloat16 Gram iterations are documented as unstable (see resolve_method)
+    methods = ["standard", "auto"] if dtype == torch.bfloat16 else ["standard", "gram", "auto"]
+    method = draw(st.sampled_from(methods))
+    seed = draw(st.integers(0, 2**16))
+    return batch, m, n, kind, dtype, name, normalization, method, seed
+
+
+def _make(batch, m, n, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*batch, m, n)
+    if kind == "zero":
+        return torch.zeros(shape, dtype=F64)
+    if kind == "rank_deficient" and min(m, n) > 1:
+        r = max(1, min(m, n) // 2)
+        return torch.randn(*batch, m, r, generator=g, dtype=F64) @ \
+            torch.randn(*batch, r, n, generator=g, dtype=F64)
+    if kind == "conditioned":
+        return _with_spectrum(shape, _logspace(0.1), seed=seed)
+    return torch.randn(shape, generator=g, dtype=F64)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_cases())
+def test_singular_values_within_the_schedule_band(case):
+    batch, m, n, kind, dtype, name, normalization, method, seed = case
+    G64 = _make(batch, m, n, kind, seed)
+    G = G64.to(dtype)
+    O = orthogonalize(G, coefficients=name, normalization=normalization, method=method)
+    assert O.dtype == dtype and O.shape == G.shape
+    assert bool(torch.isfinite(O).all())
+    if kind == "zero":
+        assert bool((O == 0).all())
+        return
+    # the reference sees the input as the function saw it (after the dtype cast)
+    U, Sh, Vh, E, P = _reference(G.to(F64), name, normalization)
+    rank = int((Sh > 1e-6 * Sh[..., :1]).sum(-1).min())
+    so = torch.linalg.svdvals(O.to(F64))
+    sched = resolve_coefficients(name)
+    # Round-off widens the interval of normalised singular values the
+    # polynomials see: relative 2^-7 for bfloat16 (a few roundings of 2^-9),
+    # 1e-6 for float32; the band is taken over the widened interval.
+    widen = {F64: 0.0, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[dtype]
+    slack = {F64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 0.05}[dtype]
+    for idx in np.ndindex(*batch):
+        sh = Sh[idx][:rank]
+        lo, hi = _band(sched, float(sh.min()) * (1 - widen), float(sh.max()) * (1 + widen), sh)
+        if dtype == torch.bfloat16 and float(sh.min()) < 0.03:
+            # bf16 rounds every entry to 2^-9 of the largest singular value, so
+            # directions below a few percent are noise; they may land anywhere
+            # below the top of the band, but must not blow up.
+            assert float(so[idx].max()) <= hi + slack
+            continue
+        assert float(so[idx].max()) <= hi + slack, (hi, so[idx])
+        if dtype == torch.bfloat16 and name == "cans":
+            continue  # see test_cans_loses_interior_directions_in_bfloat16
+        assert lo - slack <= float(so[idx][:rank].min()), (lo, so[idx])
+        if dtype != torch.bfloat16:
+            # pointwise: the i-th input direction is mapped to P(ŝ_i)
+            d = _directional(U[idx][:, :rank], O[idx], Vh[idx][:rank])
+            tol = 1e-8 if dtype == F64 else 2e-3
+            assert float((d - P[idx][:rank]).abs().max()) <= tol
+
+
+def _band(sched, lo: float, hi: float, points: torch.Tensor) -> tuple[float, float]:
+    """[min P, max P] over [lo, hi]; the grid holds ``points`` themselves so a grid
+    that misses an interior extremum cannot make the band too narrow for them."""
+    x = torch.cat([torch.linspace(lo, hi, 4001, dtype=F64), points.to(F64)])
+    y = _compose(sched, x)
+    return float(y.min()), float(y.max())
+
+
+@pytest.mark.parametrize("name", ["keller", "polar_express", "you", "cans", "polar_express_8"])
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+def test_bfloat16_iteration_tracks_the_composition(name, normalization):
+    """bf16 iteration (fp32 in/out), well-conditioned input: every input direction
+    lands in the schedule's band, and on average close to its own P(ŝ_i).
+
+    Direction by direction bf16 cannot track P exactly: the composition
+    oscillates 3^T times over [ℓ, 1], so its slope near 1 turns a 2^-9 rounding
+    into errors of ~0.1-0.25 for the tightly normalised schedules."""
+    G = _with_spectrum((2, 24, 40), _logspace(0.1), seed=2).float()
+    U, Sh, Vh, E, P = _reference(G, name, normalization)
+    O = orthogonalize(G, coefficients=name, normalization=normalization, dtype=torch.bfloat16)
+    assert O.dtype == torch.float32
+    d = _directional(U, O, Vh)
+    lo, hi = _band(resolve_coefficients(name), float(Sh.min()) * (1 - 2**-7),
+                   float(Sh.max()) * (1 + 2**-7), Sh.flatten())
+    assert float(d.max()) <= hi + 0.05, (hi, d)
+    if name != "cans":  # see test_cans_loses_interior_directions_in_bfloat16
+        assert lo - 0.05 <= float(d.min()), (lo, d)
+    assert float(torch.linalg.matrix_norm(O.double(), 2).max()) <= hi + 0.05
+    assert float((d - P).abs().mean()) < 0.04
+
+
+def test_cans_loses_interior_directions_in_bfloat16():
+    """Documents why "polar_express" (cushioned) is the bf16 default, not "cans".
+
+    Without a cushion, CANS's first polynomial dips to ℓ₁ ≈ 0.008 inside the
+    interval (near ŝ ≈ 0.82), so a singular value there drops to round-off level
+    in bfloat16 and ends far below the band; in float32 it is fine.
+    """
+    G = _make((), 3, 5, "conditioned", seed=43046)  # ŝ = 0.97, 0.82, 0.14 under AOL
+    *_, E, P = _reference(G, "cans", "aol")
+    f32 = orthogonalize(G.float(), coefficients="cans", normalization="aol")
+    bf16 = orthogonalize(G.float(), coefficients="cans", normalization="aol", dtype=torch.bfloat16)
+    assert float(torch.linalg.svdvals(f32.double()).min()) > 0.85
+    assert float(torch.linalg.svdvals(bf16.double()).min()) < 0.5
+    # the cushioned schedule keeps that direction in its band in bf16
+    pe = orthogonalize(G.float(), normalization="aol", dtype=torch.bfloat16)
+    assert float(torch.linalg.svdvals(pe.double()).min()) > 0.8
+
+
+def test_cubic_newton_schulz_in_bfloat16_batched():
+    """Regression: torch's batched bf16 baddbmm ignores alpha=0, so b·A + 0·A²
+    must not go through it (the cubic preset diverged to inf)."""
+    G = _with_spectrum((6, 9, 9), _logspace(0.2), seed=0).to(torch.bfloat16)
+    out = orthogonalize(G, coefficients="newton_schulz_cubic")
+    sv = torch.linalg.svdvals(out.double())
+    assert float((sv - 1).abs().max()) < 0.05
+
+
+# --------------------------------------------------------- path equivalences
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (2, 3, 5, 16), (1, 9), (9, 1), (7, 7)])
+@pytest.mark.parametrize("restart_every", [None, 1, 2, 3])
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+def test_gram_equals_standard(shape, restart_every, normalization):
+    G = _with_spectrum(shape, _logspace(1e-2), seed=7)
+    for dtype, tol in [(F64, 1e-11), (torch.float32, 3e-4)]:
+        Gd = G.to(dtype)
+        a = orthogonalize(Gd, method="standard", normalization=normalization)
+        b = orthogonalize(Gd, method="gram", normalization=normalization,
+                          restart_every=restart_every)
+        torch.testing.assert_close(b, a, rtol=0, atol=tol)
+
+
+def test_gram_float16_with_restarts_matches_float64():
+    """The Gram method's intended precision (the paper's float16) stays accurate."""
+    G = _with_spectrum((64, 256), _logspace(1e-3), seed=1)
+    ref = orthogonalize(G, normalization="spectral")
+    out = orthogonalize(G.float(), normalization="spectral", dtype=torch.float16, method="gram")
+    assert float((out.double() - ref).abs().max()) < 0.02
+
+
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_tall_equals_transpose_of_wide(normalization, method):
+    G = _with_spectrum((2, 9, 23), _logspace(1e-2), seed=4).float()
+    wide = orthogonalize(G, normalization=normalization, method=method)
+    tall = orthogonalize(G.mT, normalization=normalization, method=method)
+    torch.testing.assert_close(tall, wide.mT, rtol=0, atol=2e-5)
+
+
+def test_batched_equals_loop():
+    G = torch.randn(2, 3, 8, 13, generator=torch.Generator().manual_seed(0))
+    out = orthogonalize(G, normalization="spectral")
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], orthogonalize(G[i, j], normalization="spectral"),
+                                       rtol=0, atol=1e-6)
+
+
+def test_matches_torch_optim_muon_for_keller():
+    """Same math as torch.optim.Muon's Newton–Schulz (bf16, Frobenius, Keller's triple)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    G = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    theirs = _zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    ours = orthogonalize(G, coefficients="keller", dtype=torch.bfloat16)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(ours, theirs) < 0.02
+    # control: a different schedule is measurably further away
+    assert rel(orthogonalize(G, coefficients="you", dtype=torch.bfloat16), theirs) > 0.05
+    # tall input: torch transposes, we multiply from the right
+    theirs_t = _zeropower_via_newtonschulz(G.T, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    assert rel(orthogonalize(G.T, coefficients="keller", dtype=torch.bfloat16), theirs_t) < 0.02
+
+
+# -------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, F64])
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_zero_matrix_gives_zeros(dtype, normalization, method):
+    for shape in [(4, 7), (7, 4), (2, 1, 5), (3, 3)]:
+        out = orthogonalize(torch.zeros(shape, dtype=dtype), normalization=normalization,
+                            method=method)
+        assert out.dtype == dtype and bool((out == 0).all())
+
+
+def test_zero_matrix_in_a_batch_does_not_poison_the_others():
+    G = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    G[1] = 0
+    out = orthogonalize(G, normalization="spectral")
+    assert bool((out[1] == 0).all())
+    torch.testing.assert_close(out[0], orthogonalize(G[0], normalization="spectral"))
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (6, 1), (1, 1)])
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+def test_vectors_map_to_their_direction(shape, normalization):
+    x = torch.tensor([3.0, -1.0, 2.0, 0.5, -4.0, 1.0], dtype=F64)[: max(shape)].reshape(shape)
+    # one singular value ‖x‖; all three norms give ‖x‖ for a vector, eps only Frobenius
+    nrm, amax = float(x.norm()), float(x.abs().max())
+    eps = 1e-7 * amax if normalization == "frobenius" else 0.0
+    expect = float(_compose(PRESETS["polar_express"].coefficients, nrm / (1.02 * nrm + eps)))
+    out = orthogonalize(x, normalization=normalization)
+    torch.testing.assert_close(out, expect * x / x.norm(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 2.0**100, 2.0**-100])
+@pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
+def test_huge_and_tiny_scales_are_scale_invariant(dtype, scale, normalization):
+    G = torch.randn(6, 11, generator=torch.Generator().manual_seed(2), dtype=F64)
+    Gs = (G * scale).to(dtype)
+    out = orthogonalize(Gs, normalization=normalization)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    if math.log2(scale).is_integer():
+        # same mantissas as the unscaled input: the same result up to rounding
+        base = orthogonalize(G.to(dtype), normalization=normalization)
+        torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+    elif dtype != torch.bfloat16:
+        # 1e±30 changes the float32 rounding of the input; compare with float64
+        *_, E, _ = _reference(Gs.to(F64), "polar_express", normalization)
+        torch.testing.assert_close(out.to(F64), E, rtol=0, atol=1e-4)
+    else:
+        # bf16 input rounding differs from the unscaled one; no blow-up
+        assert float(torch.linalg.matrix_norm(out.to(F64), 2)) < 1.2
+
+
+def test_rank_deficient_null_space_stays_small():
+    G = _make((), 10, 16, "rank_deficient", seed=3)  # rank 5
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    for dtype in (F64, torch.float32):
+        out = orthogonalize(G.to(dtype)).to(F64)
+        sv = torch.linalg.svdvals(out)
+        assert float(sv[:5].min()) > 0.8 and float(sv[5:].max()) < 1e-2
+
+
+def test_empty_inputs():
+    for shape in [(0, 4), (4, 0), (0, 3, 5)]:
+        out = orthogonalize(torch.empty(shape))
+        assert out.shape == shape
+
+
+def test_dtype_argument_sets_the_iteration_precision():
+    G = _with_spectrum((16, 40), _logspace(1e-2), seed=9).float()
+    *_, E, _ = _reference(G, "polar_express", "frobenius")
+    err = {dt: float((orthogonalize(G, dtype=dt).double() - E).abs().max())
+           for dt in (F64, torch.float32, torch.bfloat16)}
+    assert all(orthogonalize(G, dtype=dt).dtype == torch.float32 for dt in err)
+    assert err[F64] < 1e-6 < err[torch.bfloat16]
+    assert err[torch.float32] < err[torch.bfloat16]
+    # float16 input runs (in float16) and comes back as float16
+    out16 = orthogonalize(G.half())
+    assert out16.dtype == torch.float16 and float((out16.double() - E).abs().max()) < 0.02
+
+
+# -------------------------------------------------------- flops and dispatch
+class _CountingOps:
+    """reference ops with a flop counter (2·m·k·n per product)."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+
+    def gram(self, X, *, transpose=False):
+        m, n = X.shape[-2:]
+        b = X.numel() // (m * n)
+        self.flops += b * 2 * (n * n * m if transpose else m * m * n)
+        return reference_ops.gram(X, transpose=transpose)
+
+    def sym_poly(self, A, b, c):
+        k = A.shape[-1]
+        self.flops += A.numel() // (k * k) * 2 * k**3
+        return reference_ops.sym_poly(A, b, c)
+
+    def poly_step(self, X, B, a, *, right=False):
+        m, n = X.shape[-2:]
+        k = B.shape[-1]
+        self.flops += X.numel() // (m * n) * 2 * m * n * k
+        return reference_ops.poly_step(X, B, a, right=right)
+
+
+@pytest.mark.parametrize("shape", [(4, 12), (12, 4), (5, 5)])
+@pytest.mark.parametrize("method,restart_every", [("standard", 2), ("gram", 2), ("gram", None),
+                                                  ("gram", 3), ("gram", 1)])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_flop_formula_counts_the_products_performed(monkeypatch, shape, method, restart_every,
+                                                    steps):
+    import matrixopt.linalg.orthogonalize as orth
+
+    ops = _CountingOps()
+    monkeypatch.setattr(orth, "_ops", lambda backend: ops)
+    orthogonalize(torch.randn(shape), steps=steps, method=method, restart_every=restart_every)
+    assert ops.flops == orthogonalize_flops(*shape, steps, method, restart_every)
+
+
+def test_flop_formula_by_hand():
+    # k=2, l=8: standard 5·(4·4·8 + 2·8) = 720; gram segments [2, 2, 1]:
+    # 2·(4·4·8 + 10·8) + (4·4·8 + 2·8) = 416 + 144 = 560
+    assert orthogonalize_flops(2, 8, 5, "standard") == 720
+    assert orthogonalize_flops(8, 2, 5, "gram", 2) == 560
+    assert orthogonalize_flops(2, 8, 5, "gram", None) == 4 * 4 * 8 + 34 * 8
+
+
+def test_auto_method_rule():
+    assert resolve_method(768, 3072, 5, "auto", dtype=torch.float32) == "gram"
+    assert resolve_method(3072, 768, 5, "auto", dtype=torch.float16) == "gram"
+    assert resolve_method(768, 768, 5, "auto", dtype=torch.float32) == "standard"
+    assert resolve_method(768, 1536, 5, "auto", dtype=torch.float32) == "standard"  # ratio 2
+    assert resolve_method(768, 3072, 5, "auto", dtype=torch.bfloat16) == "standard"
+    assert resolve_method(768, 768, 5, "gram") == "gram"
+
+
+def test_auto_method_is_what_runs(monkeypatch):
+    import matrixopt.linalg.orthogonalize as orth
+
+    ops = _CountingOps()
+    monkeypatch.setattr(orth, "_ops", lambda backend: ops)
+    orthogonalize(torch.randn(4, 16))  # fp32, ratio 4 -> gram
+    assert ops.flops == orthogonalize_flops(4, 16, 5, "gram", 2)
+    ops.flops = 0
+    orthogonalize(torch.randn(4, 16), dtype=torch.bfloat16)
+    assert ops.flops == orthogonalize_flops(4, 16, 5, "standard")
+
+
+def test_backend_resolution_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    G = torch.randn(4, 6)
+    assert resolve_backend(G, "auto") == "torch"
+    assert resolve_backend(G, "torch") == "torch"
+    with pytest.raises(RuntimeError, match="triton"):
+        orthogonalize(G, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend(G, "cuda")
+
+
+def test_triton_backend_under_interpreter_matches_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    G = torch.randn(2, 8, 20, generator=torch.Generator().manual_seed(0))
+    assert resolve_backend(G, "triton") == "triton"
+    assert resolve_backend(G, "auto") == "torch"  # never auto-dispatch to the interpreter
+    for method in ("standard", "gram"):
+        a = orthogonalize(G, steps=2, method=method, backend="torch")
+        b = orthogonalize(G, steps=2, method=method, backend="triton")
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------- errors
+@pytest.mark.parametrize("G,exc,match", [
+    (torch.ones(3, 4, dtype=torch.int64), TypeError, "floating"),
+    (torch.ones(3, 4, dtype=torch.complex64), TypeError, "complex"),
+    (torch.ones(4), ValueError, "dimensions"),
+    ([[1.0, 2.0]], TypeError, "Tensor"),
+])
+def test_bad_inputs_raise(G, exc, match):
+    with pytest.raises(exc, match=match):
+        orthogonalize(G)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(coefficients="nope"), "valid presets"),
+    (dict(coefficients=[(1.0, 2.0)]), "coefficients"),
+    (dict(steps=0), "steps"),
+    (dict(normalization="spectral_norm"), "normalization"),
+    (dict(method="fast"), "method"),
+    (dict(backend="cuda"), "backend"),
+    (dict(restart_every=0), "restart_every"),
+    (dict(safety=0.5), "safety"),
+    (dict(eps=-1.0), "eps"),
+    (dict(dtype=torch.int32), "dtype"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        orthogonalize(torch.randn(3, 4), **kwargs)
+
+
+def test_check_finite():
+    G = torch.randn(3, 4)
+    G[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        orthogonalize(G, check_finite=True)
