@@ -308,11 +308,15 @@ class _GaLoreBase(MatrixOptimizer):
             if not it.bases:
                 it.bases = self._load_bases(group, it)
         pd = group["proj_dtype"]
-        Rs = [project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
-                      group["proj_type"]) for it in items]
-        Ns, coefs, decays = self._inner_direction(group, items, Rs)
-        for it, R, N, c, d in zip(items, Rs, Ns, coefs, decays):
+        # one matrix at a time: only one matrix's projected gradient, direction and
+        # temporaries are alive at once (lists over all matrices held 3/4 of the
+        # parameters' size at rank d/4, 3x galore-torch's peak)
+        for it in items:
+            R = project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
+                        group["proj_type"])
+            (N,), (c,), (d,) = self._inner_direction(group, [it], [R])
             self._apply(group, it, R, N, c, d)
+            it.bases = []
 
     # ----------------------------------------------------------------- refresh
     def _sides(self, item: _Item) -> list[str]:
