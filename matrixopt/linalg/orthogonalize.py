@@ -164,15 +164,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prescaled(G: Tensor) -> Tensor:
-    """``G / max|G|`` per matrix in float32 (float64 for float64 input).
+def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype) -> Tensor:
+    """``X / (s·‖X‖_F)`` per matrix, as a new tensor of dtype ``work``; zero stays zero.
 
-    Makes the Frobenius norm immune to overflow (1e30² overflows float32) and
-    underflow (1e-30² is zero in float32); zero matrices stay zero.
+    The norm is accumulated in float32 (float64 for float64 input) straight from
+    ``X``. If it overflowed or underflowed (float32 squares of entries beyond
+    ~1e±19), ``X`` is first divided by its largest entry, so 1e30 and 1e-30 scales
+    give the same result as scale 1. On CPU that check is a free host test; on
+    other devices the safe path is always taken (no host synchronisation).
     """
-    X = G.to(_acc_dtype(G.dtype))
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
-    return X / torch.where(amax > 0, amax, torch.ones_like(amax))
+    acc = _acc_dtype(X.dtype)
+    nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=acc)
+    threshold = math.sqrt(torch.finfo(acc).tiny) * 1e6  # squares well above underflow
+    if X.device.type != "cpu" or not bool((torch.isfinite(nrm) & (nrm > threshold)).all()):
+        amax = X.abs().amax(dim=(-2, -1), keepdim=True).to(acc)
+        X = X.to(acc) / torch.where(amax > 0, amax, torch.ones_like(amax))
+        nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    inv = torch.where(nrm > 0, (nrm * s).reciprocal(), torch.zeros_like(nrm))
+    # one rounding to `work` after the fp32 multiply (in-place ops compute in fp32)
+    return X.to(work, copy=True).mul_(inv)
 
 
 def _eye_plus(B: Tensor, a: float) -> Tensor:
@@ -189,7 +199,6 @@ def orthogonalize(
     coefficients: object = "polar_express",
     normalization: str = "frobenius",
     dtype: torch.dtype | None = None,
-    eps: float = 1e-7,
     method: str = "auto",
     backend: str = "auto",
     restart_every: int | None = 2,
@@ -216,10 +225,13 @@ def orthogonalize(
             ``"you"``, ``"polar_express_8"``, ``"cans"``, ``"newton_schulz"``,
             ``"newton_schulz_cubic"``), one ``(a, b, c)`` or a list of them.
         normalization: how σ_max ≤ 1 is ensured; the estimate ν is multiplied by
-            ``safety`` and the input divided by it (computed in float32 or better):
+            ``safety`` and the input divided by it (computed in float32 or better;
+            the result is invariant to positive rescaling of ``G``, 1e±30 scales
+            included, and a zero matrix gives zeros -- there is no ``eps``: unlike
+            torch.optim.Muon's ``‖G‖ + eps``, tiny inputs are not shrunk):
 
-            * ``"frobenius"``: ν = ‖X‖_F (+ ``eps``). Classic; under-estimates
-              small singular values' scale by up to √rank, wasting early steps.
+            * ``"frobenius"``: ν = ‖X‖_F. Classic; under-estimates small
+              singular values' scale by up to √rank, wasting early steps.
             * ``"spectral"``: ν = the Schatten-8 norm
               :math:`(\sum_i \sigma_i^8)^{1/8} = \|(XX^\top)^2\|_F^{1/4}`, a
               guaranteed upper bound of σ_max that over-estimates it by at most
@@ -236,11 +248,6 @@ def orthogonalize(
               of the identity (Turbo-Muon reports no training loss from it).
         dtype: dtype the iteration runs in; ``None`` = ``G.dtype`` (never forced).
             The output always has ``G.dtype``.
-        eps: added to the Frobenius norm. The input is first divided by its
-            largest entry (so 1e±30 scales neither overflow nor underflow); after
-            that ‖X‖_F ≥ 1 for any non-zero matrix and eps only keeps an all-zero
-            matrix at zero. (Unlike torch.optim.Muon, tiny inputs are not shrunk:
-            the result is invariant to positive rescaling of ``G``.)
         method: ``"standard"`` (the iteration above), ``"gram"`` (Gram
             Newton–Schulz, Zhang, Amsel, Chen & Dao 2026: iterate on the short-side
             Gram matrix :math:`R = XX^\top` and an accumulated factor
@@ -268,7 +275,7 @@ def orthogonalize(
         TypeError: ``G`` not a real floating tensor (integer, complex, ...).
         ValueError: ``G`` with fewer than 2 dims, unknown preset/method/
             normalization/backend, malformed coefficients, ``steps`` < 1,
-            bad ``restart_every``/``safety``/``eps``.
+            bad ``restart_every``/``safety``.
         RuntimeError: ``backend="triton"`` where Triton cannot run.
 
     Cost: :func:`orthogonalize_flops`, plus O(mn) elementwise work for the
@@ -284,9 +291,6 @@ def orthogonalize(
     s = preset_safety(coefficients) if safety is None else safety
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 1.0:
         raise ValueError(f"safety must be a finite number >= 1, got {safety!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0 \
-            or not math.isfinite(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if check_finite:
         _check_finite(G, "G")
     *batch, m, n = G.shape
@@ -296,16 +300,14 @@ def orthogonalize(
         return torch.zeros_like(G)
 
     right = m > n  # tall: work with the n×n Gram XᵀX and multiply from the right
-    X = _prescaled(G.reshape(-1, m, n))
+    X = G.reshape(-1, m, n)
     if normalization == "frobenius":
-        nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-        X = (X / (nrm * s + eps)).to(work)
+        X = _frobenius_normalized(X, float(s), work)
         A = None
     else:
         # Frobenius first (σ ≤ 1 so nothing overflows in half precision), then
         # refine with the first Gram matrix, which the iteration needs anyway.
-        nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-        X = (X / torch.where(nrm > 0, nrm, torch.ones_like(nrm))).to(work)
+        X = _frobenius_normalized(X, 1.0, work)
         A = ops.gram(X, transpose=right)
         Aacc = A.to(_acc_dtype(A.dtype))
         if normalization == "spectral":
@@ -313,16 +315,16 @@ def orthogonalize(
             # iteration); it is not reused in the first step because a rounded
             # A² times c (≈ 16) would add c·2⁻⁹ errors that sym_poly's fused
             # b·A + c·A² (one rounding after fp32 accumulation) avoids.
-            t = torch.linalg.vector_norm(Aacc @ Aacc if A.dtype == Aacc.dtype
-                                         else ops.sym_poly(A, 0.0, 1.0).to(Aacc.dtype),
-                                         dim=(-2, -1), keepdim=True).pow(0.25) * s
-            t = torch.where(t > 0, t, torch.ones_like(t))
-            X = (X / t).to(work)
-            A = (Aacc / t**2).to(work)
+            A2 = Aacc @ Aacc if A.dtype == Aacc.dtype else ops.sym_poly(A, 0.0, 1.0)
+            t = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True,
+                                         dtype=Aacc.dtype).pow(0.25) * s
+            inv = torch.where(t > 0, t.reciprocal(), torch.ones_like(t))
+            X.mul_(inv)
+            A = (Aacc * inv**2).to(work)
         else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
             rows = Aacc.abs().sum(dim=-1, keepdim=True)
             d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
-            X = (X * (d.mT if right else d)).to(work)
+            X.mul_(d.mT if right else d)
             A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":

@@ -39,8 +39,7 @@ def _compose(schedule, x):
     return x
 
 
-def _reference(G: torch.Tensor, coefficients, normalization: str, *, steps=None,
-               eps: float = 1e-7):
+def _reference(G: torch.Tensor, coefficients, normalization: str, *, steps=None):
     """(U, ŝ, Vh, U P(ŝ) Vh, P) in float64 for G [..., m, n]."""
     G = G.to(F64)
     sched = resolve_coefficients(coefficients, steps)
@@ -57,9 +56,8 @@ def _reference(G: torch.Tensor, coefficients, normalization: str, *, steps=None,
         Sh = S
     else:
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        amax = G.abs().amax(dim=(-2, -1))[..., None]
         if normalization == "frobenius":
-            nu = s * S.square().sum(-1, keepdim=True).sqrt() + eps * amax
+            nu = s * S.square().sum(-1, keepdim=True).sqrt()
         else:
             nu = s * S.pow(8).sum(-1, keepdim=True).pow(0.125)
         Sh = S / torch.where(nu > 0, nu, 1.0)
@@ -331,10 +329,8 @@ def test_zero_matrix_in_a_batch_does_not_poison_the_others():
 @pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
 def test_vectors_map_to_their_direction(shape, normalization):
     x = torch.tensor([3.0, -1.0, 2.0, 0.5, -4.0, 1.0], dtype=F64)[: max(shape)].reshape(shape)
-    # one singular value ‖x‖; all three norms give ‖x‖ for a vector, eps only Frobenius
-    nrm, amax = float(x.norm()), float(x.abs().max())
-    eps = 1e-7 * amax if normalization == "frobenius" else 0.0
-    expect = float(_compose(PRESETS["polar_express"].coefficients, nrm / (1.02 * nrm + eps)))
+    # one singular value ‖x‖, normalised to 1/1.02 by all three norms
+    expect = float(_compose(PRESETS["polar_express"].coefficients, 1 / 1.02))
     out = orthogonalize(x, normalization=normalization)
     torch.testing.assert_close(out, expect * x / x.norm(), rtol=0, atol=1e-12)
 
@@ -349,8 +345,10 @@ def test_huge_and_tiny_scales_are_scale_invariant(dtype, scale, normalization):
     assert out.dtype == dtype and bool(torch.isfinite(out).all())
     if math.log2(scale).is_integer():
         # same mantissas as the unscaled input: the same result up to rounding
+        # (the overflow-safe path rounds in a different order)
         base = orthogonalize(G.to(dtype), normalization=normalization)
-        torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+        tol = {torch.float32: 1e-5, F64: 1e-12, torch.bfloat16: 0.05}[dtype]
+        torch.testing.assert_close(out, base, rtol=0, atol=tol)
     elif dtype != torch.bfloat16:
         # 1e±30 changes the float32 rounding of the input; compare with float64
         *_, E, _ = _reference(Gs.to(F64), "polar_express", normalization)
@@ -499,7 +497,6 @@ def test_bad_inputs_raise(G, exc, match):
     (dict(backend="cuda"), "backend"),
     (dict(restart_every=0), "restart_every"),
     (dict(safety=0.5), "safety"),
-    (dict(eps=-1.0), "eps"),
     (dict(dtype=torch.int32), "dtype"),
 ])
 def test_bad_arguments_raise(kwargs, match):
