@@ -52,8 +52,7 @@ from matrixopt.optim.adafactor import Adafactor  # noqa: E402
 from matrixopt.optim.galore import GaLoreAdafactor, GaLoreAdamW  # noqa: E402
 
 ALL = ["adamw", "galore_torch", "galore_adamw", "galore_adamw_bf16", "galore_adamw_random",
-       "galore_adafactor",
-       "adafactor_torch", "adafactor"]
+       "galore_adafactor", "adafactor_torch", "adafactor", "adafactor_modern"]
 
 
 # --------------------------------------------------------------------------- peers
@@ -88,7 +87,9 @@ def build(name: str, model: nn.Module, args: argparse.Namespace, gap: int) -> to
     rank = max(1, d // args.rank_div)
     lr, wd, betas = args.lr, args.weight_decay, (0.9, 0.95)
     lr_g = args.galore_lr
-    galore_keys = {"rank": rank, "update_proj_gap": gap, "scale": args.scale, "proj_type": "std"}
+    galore_keys = {"rank": rank, "update_proj_gap": gap, "scale": args.scale, "proj_type": "std",
+                   "lr": lr_g}
+    rest_g = {"params": rest, "lr": lr}  # embeddings, head, norms: AdamW's lr
     if name == "adamw":
         return torch.optim.AdamW([{"params": mats}, {"params": rest}], lr=lr, betas=betas,
                                  weight_decay=wd)
@@ -98,27 +99,32 @@ def build(name: str, model: nn.Module, args: argparse.Namespace, gap: int) -> to
             raise RuntimeError("galore_torch is not installed (pip install galore-torch)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return gt.GaLoreAdamW([{"params": rest}, {"params": mats, **galore_keys}], lr=lr_g,
+            return gt.GaLoreAdamW([rest_g, {"params": mats, **galore_keys}], lr=lr,
                                   betas=betas, eps=1e-8, weight_decay=wd)
     if name == "galore_adamw":
-        return GaLoreAdamW([{"params": rest}, {"params": mats, **galore_keys}], lr=lr_g,
+        return GaLoreAdamW([rest_g, {"params": mats, **galore_keys}], lr=lr,
                            betas=betas, weight_decay=wd)
     if name == "galore_adamw_bf16":
-        return GaLoreAdamW([{"params": rest}, {"params": mats, **galore_keys,
-                                               "proj_dtype": torch.bfloat16}],
-                           lr=lr_g, betas=betas, weight_decay=wd)
+        return GaLoreAdamW([rest_g, {"params": mats, **galore_keys,
+                                     "proj_dtype": torch.bfloat16}],
+                           lr=lr, betas=betas, weight_decay=wd)
     if name == "galore_adamw_random":
-        return GaLoreAdamW([{"params": rest},
-                            {"params": mats, **galore_keys, "projector": "random",
-                             "residual": "apollo"}], lr=lr_g, betas=betas, weight_decay=wd)
+        return GaLoreAdamW([rest_g, {"params": mats, **galore_keys, "projector": "random",
+                                     "residual": "apollo"}],
+                           lr=lr, betas=betas, weight_decay=wd)
     if name == "galore_adafactor":
-        return GaLoreAdafactor([{"params": rest}, {"params": mats, **galore_keys}],
+        af_keys = {**galore_keys, "lr": args.adafactor_lr / args.scale}
+        return GaLoreAdafactor([{"params": rest}, {"params": mats, **af_keys}],
                                lr=args.adafactor_lr, relative_step=False, scale_parameter=False,
                                beta1=0.9, weight_decay=wd, beta2_cap=0.999)
     if name == "adafactor_torch":
         return torch.optim.Adafactor(model.parameters(), lr=1e-2)
     if name == "adafactor":  # the same configuration as torch.optim.Adafactor(lr=1e-2)
         return Adafactor(model.parameters())
+    if name == "adafactor_modern":  # fixed lr, momentum in bf16, beta2 cap (big_vision style)
+        return Adafactor(model.parameters(), lr=lr, relative_step=False, scale_parameter=False,
+                         beta1=0.9, beta2_cap=0.999, momentum_dtype=torch.bfloat16,
+                         weight_decay=wd)
     raise ValueError(f"unknown optimizer {name!r}; choose from {ALL}")
 
 
@@ -233,7 +239,7 @@ def train_loss(name: str, args: argparse.Namespace, data: CharData) -> dict[str,
     model = GPT(cfg)
     opt = build(name, model, args, args.loss_gap)
     sched = None
-    if not name.startswith("adafactor"):  # the Adafactor rows use their relative step
+    if name not in ("adafactor", "adafactor_torch"):  # these use their relative step
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.steps, args.steps // 10))
     gen = torch.Generator().manual_seed(args.seed)
     vgen = torch.Generator().manual_seed(args.seed + 1)
@@ -273,7 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rank-div", type=int, default=4, help="rank = d_model // rank_div")
     ap.add_argument("--scale", type=float, default=0.25, help="GaLore scale (both libraries)")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr")
-    ap.add_argument("--galore-lr", type=float, default=6e-3, help="GaLore lr (both libraries)")
+    ap.add_argument("--galore-lr", type=float, default=1.2e-2,
+                    help="lr of the GaLore matrices (both libraries; times scale = AdamW's lr); "
+                         "the other parameters use --lr")
     ap.add_argument("--adafactor-lr", type=float, default=3e-3, help="GaLoreAdafactor fixed lr")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
