@@ -67,12 +67,12 @@ def _energy(P: torch.Tensor, G: torch.Tensor, best: float) -> float:
 
 
 def run_scenario(n: int, rank: int, refreshes: int, alpha: float, drift: float,
-                 seed: int, reps: int = 3) -> list[dict[str, Any]]:
+                 seed: int, reps: int = 3, noise: float = 0.5) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     k = 2 * rank
     s = torch.arange(1, k + 1, dtype=torch.float32) ** -alpha
-    # i.i.d. noise with spectral norm ~ 2·nu·sqrt(n) = half the smallest signal value
-    nu = 0.5 * float(s[-1]) / (2 * math.sqrt(n))
+    # i.i.d. noise with spectral norm ~ 2·nu·sqrt(n) = noise × the smallest signal value
+    nu = noise * float(s[-1]) / (2 * math.sqrt(n))
     U = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
     V = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
     galore = _galore_basis_fn(rank)
@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="spectral decay exponents of the signal")
     ap.add_argument("--drift", type=float, default=0.5,
                     help="relative size of the random rotation between refreshes")
+    ap.add_argument("--noise", type=float, default=0.5,
+                    help="noise spectral norm relative to the smallest signal singular value "
+                         "s_2r (values >> 1 bury the rank-r cut in noise; then no sketch "
+                         "method reaches 0.99)")
     ap.add_argument("--reps", type=int, default=3,
                     help="repetitions of each fast method per refresh (median)")
     ap.add_argument("--threads", type=int, default=None,
@@ -158,11 +162,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     print(machine_description(["galore-torch"]))
     print(f"n={args.size}, rank={args.rank}, refreshes={args.refreshes}, drift={args.drift}, "
+          f"noise={args.noise}, "
           f"threads={torch.get_num_threads()}")
     rows: list[dict[str, Any]] = []
     for alpha in args.alphas:
         rows += run_scenario(args.size, args.rank, args.refreshes, alpha, args.drift, args.seed,
-                             args.reps)
+                             args.reps, args.noise)
     print_table(rows, title=f"Projector refresh, {args.size}x{args.size}, rank {args.rank} "
                             f"(fp32, median over {args.refreshes} refreshes)")
     path = write_csv(rows, "bench_projectors" + ("_quick" if args.quick else ""))

@@ -41,10 +41,11 @@ Methods:
     exactly rank-deficient input (e.g. a zero column) never converges and raises
     ``torch.linalg.LinAlgError`` after ``max_steps``.
 ``"auto"``
-    :func:`select_polar_method` decides: the SVD route on CPU (measured faster
-    than the iteration at every size 256–2048 on a 2-core AVX-512 CPU, see
-    ``benchmarks/bench_polar.py``), the iteration on CUDA for
-    :math:`\min(m,n) \ge 64` (matmul-bound where GPU SVDs are slow), with the
+    :func:`select_polar_method` decides: the SVD route on CPU (as fast as or
+    faster than the iteration for square and 4:1 inputs of size 256–2048 in
+    ``benchmarks/bench_polar.py`` on a 2-core AVX-512 CPU, and exact for
+    rank-deficient input), the iteration on CUDA for :math:`\min(m,n) \ge 64`
+    (matmul-bound, where GPU SVDs are slow; not measured here, no GPU), with the
     SVD route as fallback for any matrix whose iteration did not converge.
 
 Precision: float16/bfloat16 inputs are computed in float32 and returned in the
@@ -89,8 +90,8 @@ def select_polar_method(A: Tensor) -> Literal["svd", "newton_schulz"]:
     """The method ``polar(A, method="auto")`` uses for this tensor (device, shape).
 
     Rule: ``"newton_schulz"`` on CUDA when ``min(m, n) >= 64``; ``"svd"``
-    otherwise (on CPU the LAPACK SVD was faster at every size measured, see the
-    module docstring).
+    otherwise (on CPU the LAPACK SVD route was as fast or faster at every size
+    measured, see the module docstring).
     """
     A = check_matrix(A, "A")
     if A.device.type == "cuda" and min(A.shape[-2:]) >= _CUDA_NS_MIN_SIDE:
