@@ -161,8 +161,6 @@ class _GaLoreBase(MatrixOptimizer):
     """Projection, refresh, transport, residuals and the fused apply; the inner
     optimizer (Adam / Adafactor) is supplied by the subclasses."""
 
-    _owner = "GaLore"
-
     # ------------------------------------------------------------ subclass API
     def _check_inner(self, check: _GroupChecker) -> None:
         raise NotImplementedError
@@ -304,14 +302,13 @@ class _GaLoreBase(MatrixOptimizer):
                 refresh.append(it)
         if refresh:
             self._refresh(group, refresh)
-        for it in items:
-            if not it.bases:
-                it.bases = self._load_bases(group, it)
         pd = group["proj_dtype"]
         # one matrix at a time: only one matrix's projected gradient, direction and
         # temporaries are alive at once (lists over all matrices held 3/4 of the
         # parameters' size at rank d/4, 3x galore-torch's peak)
         for it in items:
+            if not it.bases:
+                it.bases = self._load_bases(group, it)
             R = project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
                         group["proj_type"])
             (N,), (c,), (d,) = self._inner_direction(group, [it], [R])
@@ -549,8 +546,6 @@ class GaLoreAdamW(_GaLoreBase):
     ``step()`` never modifies ``p.grad``; parameters without grad are untouched.
     """
 
-    _owner = "GaLoreAdamW"
-
     def __init__(
         self,
         params: Iterable[Any],
@@ -662,8 +657,6 @@ class GaLoreAdafactor(_GaLoreBase):
     ``momentum_dtype``; same defaults) and GaLore's (see :class:`GaLoreAdamW`).
     Groups without ``rank`` are plain Adafactor.
     """
-
-    _owner = "GaLoreAdafactor"
 
     def __init__(
         self,
