@@ -32,7 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import machine_description, median_time, print_table, write_csv  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    machine_description,
+    median_time,
+    print_table,
+    write_csv,
+)
 from matrixopt.linalg._reference import polar_reference  # noqa: E402
 from matrixopt.linalg.polar import polar  # noqa: E402
 
@@ -58,7 +63,8 @@ def scipy_polar(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(u), torch.from_numpy(p)
 
 
-def errors(A: torch.Tensor, U: torch.Tensor, H: torch.Tensor, U64: torch.Tensor) -> dict[str, float]:
+def errors(A: torch.Tensor, U: torch.Tensor, H: torch.Tensor,
+           U64: torch.Tensor) -> dict[str, float]:
     Ad, Ud, Hd = A.double(), U.double(), H.double()
     k = min(A.shape)
     gram = Ud.mT @ Ud if A.shape[0] >= A.shape[1] else Ud @ Ud.mT

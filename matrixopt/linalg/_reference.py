@@ -52,7 +52,7 @@ def singular_values(A: Tensor) -> Tensor:
 
 
 def top_basis(G: Tensor, rank: int, side: str) -> Tensor:
-    """Exact top-``rank`` singular vectors of ``G`` on ``side`` (``"left"``: m×r, ``"right"``: n×r)."""
+    """Exact top-``rank`` singular vectors of ``G`` on ``side`` ("left": m×r, "right": n×r)."""
     W, _, Vh = torch.linalg.svd(_f64(G), full_matrices=False)
     if side == "left":
         return W[..., :rank]

@@ -126,7 +126,9 @@ def _scaled_cubic(lower: float) -> tuple[float, float, float]:
 
 
 def _newton_schulz(X: Tensor, tol: float, max_steps: int) -> tuple[Tensor, Tensor, int]:
-    """Iterate to the orthonormal polar factor. ``X``: compute dtype, entries in range (``_prepare``).
+    """Iterate to the orthonormal polar factor.
+
+    ``X`` is in the compute dtype with entries in range (see ``svd._prepare``).
 
     Returns ``(U, converged, steps)``; ``converged`` is a bool tensor ``[...]``.
     """

@@ -417,7 +417,8 @@ def transport_moments(exp_avg: Tensor, exp_avg_sq: Tensor, Q: Basis,
     if m_.shape != v_.shape:
         raise ValueError(f"exp_avg and exp_avg_sq must have the same shape, got "
                          f"{tuple(m_.shape)} and {tuple(v_.shape)}")
-    for name, bc in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
+    for name, bc in (("bias_correction1", bias_correction1),
+                     ("bias_correction2", bias_correction2)):
         if isinstance(bc, bool) or not isinstance(bc, (int, float)) or not 0 < bc <= 1:
             raise ValueError(f"{name} must be a float in (0, 1], got {bc!r}")
     if side == "both":

@@ -50,7 +50,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _resolve_generator(generator: GeneratorLike, device: torch.device,
                        name: str = "generator") -> torch.Generator:
-    """A ``torch.Generator`` from ``None`` (fixed :data:`DEFAULT_SEED`), an int seed or a generator."""
+    """A ``torch.Generator`` from ``None`` (seed :data:`DEFAULT_SEED`), an int seed or a generator."""
     if isinstance(generator, torch.Generator):
         return generator
     if generator is None:
@@ -180,7 +180,7 @@ def _range_finder(A: Tensor, size: int, n_iter: int, generator: torch.Generator,
 def randomized_svd(A: Tensor, rank: int, *, oversample: int = 8, n_iter: int = 2,
                    generator: GeneratorLike = None,
                    check_finite: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Rank-``rank`` truncated SVD :math:`A \approx U \operatorname{diag}(S) V_h` by random projection.
+    r"""Rank-``rank`` truncated SVD :math:`A \approx U \operatorname{diag}(S) V_h` by sketching.
 
     Algorithm (HMT 2011, Algorithms 4.4 + 5.1), with :math:`\ell = k + p`
     (``rank + oversample``, capped at :math:`\min(m, n)`):

@@ -37,7 +37,8 @@ def orthonormal(k: int, r: int, seed: int, batch: tuple[int, ...] = ()) -> torch
 def spectrum_matrix(shape: tuple[int, ...], s: torch.Tensor, seed: int) -> torch.Tensor:
     *batch, m, n = shape
     k = s.shape[-1]
-    return (orthonormal(m, k, seed, tuple(batch)) * s) @ orthonormal(n, k, seed + 1, tuple(batch)).mT
+    W = orthonormal(m, k, seed, tuple(batch))
+    return (W * s) @ orthonormal(n, k, seed + 1, tuple(batch)).mT
 
 
 # GaLore's table, written out independently of the implementation:
@@ -98,7 +99,8 @@ def test_project_back_square_low_rank_uses_full_shape():
     assert torch.allclose(project_back(R, P, "reverse_std", G.shape), P @ P.mT @ G)
     Gs = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
     Ps = orthonormal(5, 5, 3)  # std on square: right, R square
-    assert torch.allclose(project_back(project(Gs, Ps, "std"), Ps, "std", Gs.shape), Gs @ Ps @ Ps.mT)
+    back = project_back(project(Gs, Ps, "std"), Ps, "std", Gs.shape)
+    assert torch.allclose(back, Gs @ Ps @ Ps.mT)
 
 
 def test_project_dtype_promotion():
@@ -142,7 +144,8 @@ def test_basis_captures_energy_of_low_rank_plus_noise(method, shape, side):
     assert torch.all(captured_energy(P, G, eff_side) > 1 - 1e-8)
     # columns are ordered like singular vectors (Rayleigh–Ritz), not just a basis
     exact = top_basis(G, 4, eff_side)
-    assert torch.allclose((P * exact).sum(-2).abs(), torch.ones(*shape[:-2], 4, dtype=F64), atol=1e-6)
+    cosines = (P * exact).sum(-2).abs()
+    assert torch.allclose(cosines, torch.ones(*shape[:-2], 4, dtype=F64), atol=1e-6)
 
 
 def test_warm_converges_to_dominant_subspace():
@@ -340,7 +343,8 @@ def test_transport_batched_and_errors():
     assert torch.allclose(m2[1], Q[1] @ m[1])
     with pytest.raises(ValueError, match="same shape"):
         transport_moments(m, m[..., :5], Q, "left")
-    with pytest.raises(ValueError, match="Q must have shape \\[..., r_new, 6\\] for moments of shape \\(2, 6, 3\\)"):
+    msg = "Q must have shape \\[..., r_new, 6\\] for moments of shape \\(2, 6, 3\\)"
+    with pytest.raises(ValueError, match=msg):
         transport_moments(m.mT, m.mT, Q, "left")
     with pytest.raises(ValueError, match="bias_correction2 must be a float in \\(0, 1\\], got 0"):
         transport_moments(m, m, Q, "left", bias_correction2=0)

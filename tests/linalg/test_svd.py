@@ -73,7 +73,8 @@ def test_randomized_svd_halko_bound(m, n, data, n_iter, spectrum, seed):
 
 
 def test_randomized_svd_accurate_with_gap():
-    s = torch.cat([torch.linspace(10, 5, 6), 0.01 * torch.rand(34, generator=torch.Generator().manual_seed(0))])
+    tail = 0.01 * torch.rand(34, generator=torch.Generator().manual_seed(0))
+    s = torch.cat([torch.linspace(10, 5, 6), tail])
     A = spectrum_matrix((3, 60, 40), s.double(), 0)
     U, S, Vh = randomized_svd(A, 6, n_iter=2)
     sigma = singular_values(A)
@@ -165,7 +166,8 @@ def test_subspace_iteration_converges_at_the_power_rate(side):
     tan_prev = None
     for _ in range(12):
         Q = subspace_iteration(A, Q, 1, side=side)
-        assert torch.allclose(Q.mT @ Q, torch.eye(r, dtype=torch.float64).expand(2, r, r), atol=1e-12)
+        eye = torch.eye(r, dtype=torch.float64).expand(2, r, r)
+        assert torch.allclose(Q.mT @ Q, eye, atol=1e-12)
         sin = principal_angle_sines(Q, target)[..., 0]
         tan = sin / torch.sqrt(1 - sin**2)
         if tan_prev is not None:
@@ -182,7 +184,8 @@ def test_subspace_iteration_warm_start_and_dtypes():
     s = torch.cat([torch.full((3,), 10.0), torch.full((17,), 0.1)]).double()
     A = spectrum_matrix((40, 20), s, 5)
     exact = top_basis(A, 3, "left")
-    Q0 = exact + 0.1 * torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    Q0 = exact + 0.1 * torch.randn(40, 3, generator=g, dtype=torch.float64)
     Q = subspace_iteration(A, Q0, 1)
     assert principal_angle_sines(Q, exact).max() < 1e-4  # (0.01)² contraction of a ~0.1 angle
     Qb = subspace_iteration(A.bfloat16(), Q0.float(), 1)
@@ -228,7 +231,8 @@ def test_spectral_norm_accuracy_with_gap_and_dtypes():
     assert torch.allclose(est, torch.full((3,), 3.0, dtype=torch.float64), rtol=1e-7)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         e = spectral_norm(A.to(dt).mT, 20)  # wide input
-        assert e.dtype == dt and torch.allclose(e.double(), torch.full((3,), 3.0, dtype=torch.float64), rtol=1e-2)
+        assert e.dtype == dt
+        assert torch.allclose(e.double(), torch.full((3,), 3.0, dtype=torch.float64), rtol=1e-2)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e30, 1e-30])
