@@ -284,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "the other parameters use --lr")
     ap.add_argument("--adafactor-lr", type=float, default=3e-3, help="GaLoreAdafactor fixed lr")
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable timings when other processes share the cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-loss", action="store_true")
     ap.add_argument("--skip-time", action="store_true")
