@@ -12,6 +12,8 @@ for bf16/fp16 inputs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,8 +37,8 @@ def sym_poly(A: Tensor, b: float, c: float) -> Tensor:
     ``A`` has shape ``[..., k, k]`` and must be symmetric (``A @ A`` is then
     symmetric too, which a kernel may exploit). Cost: :math:`2 k^3` flops.
     """
-    return torch.baddbmm(A.reshape(-1, *A.shape[-2:]), A.reshape(-1, *A.shape[-2:]),
-                         A.reshape(-1, *A.shape[-2:]), beta=b, alpha=c).reshape(A.shape)
+    A3 = A.reshape(math.prod(A.shape[:-2]), *A.shape[-2:])  # not -1: empty matrices
+    return torch.baddbmm(A3, A3, A3, beta=b, alpha=c).reshape(A.shape)
 
 
 def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False) -> Tensor:
@@ -47,8 +49,8 @@ def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False) -> Tensor:
     materialising a transpose. Cost: :math:`2 m^2 n` (or :math:`2 m n^2`) flops.
     """
     batch = X.shape[:-2]
-    X3 = X.reshape(-1, *X.shape[-2:])
-    B3 = B.reshape(-1, *B.shape[-2:])
+    X3 = X.reshape(math.prod(batch), *X.shape[-2:])  # not -1: empty matrices
+    B3 = B.reshape(math.prod(B.shape[:-2]), *B.shape[-2:])
     if right:
         out = torch.baddbmm(X3, X3, B3, beta=a, alpha=1.0)
     else:

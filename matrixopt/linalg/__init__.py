@@ -1,1 +1,37 @@
-"""matrixopt."""
+"""Pure, batched tensor functions: orthogonalisation, polar decomposition,
+randomized SVD, subspace iteration, spectral norm and low-rank projectors.
+
+Everything here works on tensors of shape ``[..., m, n]`` on any device, never
+imports :mod:`matrixopt.optim`, and reaches :mod:`matrixopt.kernels` only
+lazily (``orthogonalize(..., backend="triton")``).
+"""
+
+from .coefficients import (
+    PRESETS,
+    get_preset,
+    polar_express_coefficients,
+    resolve_coefficients,
+)
+from .norms import spectral_norm
+from .orthogonalize import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
+from .polar import POLAR_METHODS, PolarResult, polar, select_polar_method
+from .projectors import (
+    BASIS_METHODS,
+    PROJ_TYPES,
+    basis_overlap,
+    lowrank_basis,
+    project,
+    project_back,
+    projection_side,
+    transport_moments,
+)
+from .svd import randomized_svd, subspace_iteration
+
+__all__ = [
+    "orthogonalize", "orthogonalize_flops", "resolve_backend", "resolve_method",
+    "PRESETS", "get_preset", "resolve_coefficients", "polar_express_coefficients",
+    "polar", "PolarResult", "POLAR_METHODS", "select_polar_method",
+    "randomized_svd", "subspace_iteration", "spectral_norm",
+    "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
+    "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
+]

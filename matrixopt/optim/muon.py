@@ -1,0 +1,326 @@
+r"""Muon: momentum + orthogonalised updates for hidden-layer matrices, AdamW for the rest.
+
+Per matrix :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G` (Jordan et
+al. 2024, "Muon: An optimizer for hidden layers in neural networks"; Liu et al.
+2025, "Muon is Scalable for LLM Training"):
+
+.. math::
+    M &\leftarrow \mu M + (1-\mu) G \\
+    D &\leftarrow (1-\mu) G + \mu M \quad\text{(Nesterov; } D = M \text{ otherwise)}\\
+    O &\leftarrow \operatorname{orthogonalize}(D) \approx U V^\top \\
+    W &\leftarrow W (1 - \eta\lambda) - \eta\, s(m, n)\, O
+
+with the update scale :math:`s(m, n)` chosen by ``adjust_lr``. Parameters routed
+to ``"adamw"`` (embeddings, heads, norms, biases, scalars) get decoupled AdamW
+in the same optimizer object, with the same ``lr`` and ``weight_decay`` — which
+``adjust_lr="match_rms_adamw"`` makes sensible (Moonlight: Muon's update RMS is
+:math:`\sqrt{1/\max(m,n)}`, so :math:`0.2\sqrt{\max(m,n)}` matches AdamW's ≈0.2).
+
+Cost per step and matrix: the orthogonalisation, about
+:math:`k\,(4 m^2 n + 2 m^3)` flops for ``k`` steps on the short side ``m`` (less
+with the Gram path for rectangular matrices); everything else is elementwise.
+Matrices of the same shape within a group are orthogonalised as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg.coefficients import resolve_coefficients
+from ..linalg.orthogonalize import orthogonalize
+from ._adamw import adamw_step_, init_adam_state
+from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+
+__all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
+
+ADJUST_LR_MODES = ("match_rms_adamw", "original", "spectral", "none")
+_ALGORITHMS = ("auto", "muon", "adamw")
+_VIEWS = ("auto", "flatten", "batch")
+
+
+def muon_update_scale(m: int, n: int, mode: str) -> float:
+    r"""Multiplier :math:`s(m, n)` of the orthogonalised update of an ``m × n`` matrix.
+
+    ``"match_rms_adamw"``: :math:`0.2\sqrt{\max(m,n)}` (Moonlight; AdamW's lr and
+    weight decay carry over). ``"original"``: :math:`\sqrt{\max(1, m/n)}` (Keller
+    Jordan). ``"spectral"``: :math:`\sqrt{m/n}` (unit spectral-norm change per
+    unit RMS of input; dion's ``spectral_norm``). ``"none"``: 1.
+
+    ``m, n`` are the shape of the matrix *as orthogonalised* — for a conv weight
+    ``[out, in, kh, kw]`` that is ``(out, in·kh·kw)``, never ``(out, in)``.
+    """
+    if mode == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if mode == "original":
+        return math.sqrt(max(1.0, m / n))
+    if mode == "spectral":
+        return math.sqrt(m / n)
+    if mode == "none":
+        return 1.0
+    raise ValueError(f"adjust_lr must be one of {list(ADJUST_LR_MODES)}, got {mode!r}")
+
+
+def _float(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class Muon(MatrixOptimizer):
+    r"""Muon for matrices and AdamW for everything else, in one optimizer.
+
+    Drop-in for :class:`torch.optim.AdamW` in an existing loop::
+
+        opt = Muon(model.parameters(), lr=3e-4, weight_decay=0.1)
+        # or route embeddings / head / norms to AdamW explicitly:
+        opt = Muon(matrixopt.optim.muon_param_groups(model), lr=3e-4)
+
+    Every keyword below is a default for the parameter groups and may be set per
+    group.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate, shared by both paths (default 1e-3).
+        weight_decay: decoupled weight decay, multiplied by the *unscaled* lr
+            (default 0.1, as torch.optim.Muon).
+        momentum: Muon momentum μ in [0, 1) (default 0.95).
+        nesterov: Nesterov momentum (default True).
+        algorithm: ``"auto"`` (default: parameters with ≥ 2 dims go to Muon, the
+            rest to AdamW), ``"muon"`` or ``"adamw"``. With ``"auto"``,
+            embeddings and output heads go to Muon too; use
+            :func:`~matrixopt.optim.muon_param_groups` to route them to AdamW.
+        adjust_lr: update scale, one of ``"match_rms_adamw"`` (default),
+            ``"original"``, ``"spectral"``, ``"none"`` (see
+            :func:`muon_update_scale`).
+        coefficients: orthogonalisation schedule: a preset name
+            (``"polar_express"`` default, ``"keller"``, ``"you"``, ``"cans"``, ...)
+            or ``(a, b, c)`` tuple(s); see :func:`matrixopt.linalg.orthogonalize`.
+        ns_steps: number of polynomial steps (``None``: the schedule's length).
+        ns_dtype: dtype the iteration runs in (default ``torch.bfloat16``, as
+            Muon's reference; ``None`` uses the parameter's dtype). Normalisation
+            is always done in at least float32.
+        normalization: ``"frobenius"`` (default), ``"spectral"`` or ``"aol"``.
+        ns_method: ``"auto"`` (default), ``"standard"`` or ``"gram"``.
+        ns_backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``.
+        matrix_view: how parameters with > 2 dims become matrices: ``"flatten"``
+            (``[out, in, *k] → out × in·∏k``, convolutions), ``"batch"``
+            (``[*E, r, c]`` → a batch of ``r × c`` matrices, stacked experts), or
+            ``"auto"`` (default: 3-D → batch, ≥ 4-D → flatten). Conv1d weights are
+            3-D: give them ``"flatten"`` (``muon_param_groups`` does).
+        split: ``None`` or an int ``k``: split the matrix rows into ``k`` equal
+            blocks orthogonalised separately (fused QKV: ``split=3``).
+        normuon: NorMuon (Li et al. 2025): after orthogonalisation, divide each
+            row by the root of an EMA of its mean square, then rescale to keep the
+            Frobenius norm (default False).
+        normuon_beta2: EMA factor of NorMuon's row statistic (default 0.95).
+        cautious_wd: cautious weight decay (Chen et al. 2025): decay only entries
+            whose update has the same sign as the weight (default False).
+        betas: AdamW path (β1, β2) (default (0.9, 0.999), torch.optim.AdamW's).
+        eps: AdamW path ε (default 1e-8).
+
+    State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
+    checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
+    ``step``, ``exp_avg``, ``exp_avg_sq`` (torch.optim.AdamW's keys). All tensors.
+    ``step()`` never modifies ``p.grad``. Parameters whose ``grad`` is ``None``
+    are not touched (no weight decay either).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        *,
+        algorithm: str = "auto",
+        adjust_lr: str = "match_rms_adamw",
+        coefficients: Any = "polar_express",
+        ns_steps: int | None = None,
+        ns_dtype: torch.dtype | None = torch.bfloat16,
+        normalization: str = "frobenius",
+        ns_method: str = "auto",
+        ns_backend: str = "auto",
+        matrix_view: str = "auto",
+        split: int | None = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        cautious_wd: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            algorithm=algorithm, adjust_lr=adjust_lr, coefficients=coefficients,
+            ns_steps=ns_steps, ns_dtype=ns_dtype, normalization=normalization,
+            ns_method=ns_method, ns_backend=ns_backend, matrix_view=matrix_view, split=split,
+            normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
+            betas=betas, eps=eps,
+        )
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ checks
+    def _check_group(self, check: _GroupChecker) -> None:
+        g = check.group
+        check.number("lr", low=0.0)
+        check.number("weight_decay", low=0.0)
+        check.number("momentum", low=0.0, high=1.0, high_open=True)
+        check.boolean("nesterov")
+        check.choice("algorithm", _ALGORITHMS)
+        check.choice("adjust_lr", ADJUST_LR_MODES)
+        check.integer("ns_steps", low=1, allow_none=True)
+        check.dtype("ns_dtype")
+        check.choice("normalization", ("frobenius", "spectral", "aol"))
+        check.choice("ns_method", ("auto", "standard", "gram"))
+        check.choice("ns_backend", ("auto", "torch", "triton"))
+        check.choice("matrix_view", _VIEWS)
+        check.integer("split", low=1, allow_none=True)
+        check.boolean("normuon")
+        check.number("normuon_beta2", low=0.0, high=1.0, high_open=True)
+        check.boolean("cautious_wd")
+        check.betas("betas")
+        check.number("eps", low=0.0)
+        try:
+            resolve_coefficients(g["coefficients"], g["ns_steps"])
+        except (ValueError, TypeError) as e:
+            raise GroupError(f"Muon: param_groups[{check.index}]: coefficients: {e}") from None
+        for p in g["params"]:
+            alg = self._algorithm_for(g, p)
+            if g["algorithm"] == "muon" and p.ndim < 2:
+                raise GroupError(
+                    f"Muon: param_groups[{check.index}]: algorithm 'muon' needs parameters with "
+                    f">= 2 dims, got one of shape {tuple(p.shape)}; use algorithm='adamw' or "
+                    f"'auto' for it")
+            if alg == "muon" and g["split"] is not None:
+                _, m, _ = self._view_shape({**g, "split": None}, p)
+                if m % g["split"]:
+                    raise GroupError(
+                        f"Muon: param_groups[{check.index}]: split={g['split']} does not divide "
+                        f"the {m} rows of a parameter of shape {tuple(p.shape)}")
+
+    # ----------------------------------------------------------------- routing
+    @staticmethod
+    def _algorithm_for(group: dict[str, Any], p: Tensor) -> str:
+        alg = group["algorithm"]
+        if alg == "auto":
+            return "muon" if p.ndim >= 2 else "adamw"
+        return alg
+
+    @staticmethod
+    def _view_shape(group: dict[str, Any], p: Tensor) -> tuple[int, int, int]:
+        """(batch, rows, cols) of the matrices the parameter is orthogonalised as."""
+        shape = p.shape
+        view = group["matrix_view"]
+        if view == "auto":
+            view = "batch" if p.ndim == 3 else "flatten"
+        if p.ndim == 2:
+            b, m, n = 1, shape[0], shape[1]
+        elif view == "flatten":
+            b, m, n = 1, shape[0], math.prod(shape[1:])
+        else:
+            b, m, n = math.prod(shape[:-2]), shape[-2], shape[-1]
+        k = group["split"] or 1
+        return b * k, m // k, n
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
+        loss = closure_loss(closure)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        muon_p: list[Tensor] = []
+        muon_g: list[Tensor] = []
+        adam_p: list[Tensor] = []
+        adam_g: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = check_grad(p, "Muon", index)
+            state = self.state[p]
+            if self._algorithm_for(group, p) == "muon":
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["normuon"] and "normuon_v" not in state:
+                    b, m, _ = self._view_shape(group, p)
+                    state["normuon_v"] = torch.zeros(b, m, dtype=p.dtype, device=p.device)
+                muon_p.append(p)
+                muon_g.append(grad)
+            else:
+                if "exp_avg" not in state:
+                    init_adam_state(state, p)
+                adam_p.append(p)
+                adam_g.append(grad)
+
+        lr = _float(group["lr"])
+        wd = float(group["weight_decay"])
+        if adam_p:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            adamw_step_(
+                adam_p, adam_g,
+                [self.state[p]["exp_avg"] for p in adam_p],
+                [self.state[p]["exp_avg_sq"] for p in adam_p],
+                [self.state[p]["step"] for p in adam_p],
+                lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
+            )
+        if muon_p:
+            self._muon_update(group, muon_p, muon_g, lr, wd)
+
+    def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                     lr: float, wd: float) -> None:
+        mu = float(group["momentum"])
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+        # New tensors: the gradients are read, never written.
+        dirs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+
+        # Bucket same-shape matrices so each bucket is one batched iteration.
+        views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for i, (p, (_, m, n)) in enumerate(zip(params, views)):
+            buckets.setdefault((m, n, p.dtype, p.device), []).append(i)
+        ortho: list[Tensor | None] = [None] * len(params)
+        for (m, n, _, _), idx in buckets.items():
+            mats = [dirs[i].reshape(views[i][0], m, n) for i in idx]
+            X = mats[0] if len(mats) == 1 else torch.cat(mats, dim=0)
+            O = orthogonalize(
+                X, steps=group["ns_steps"], coefficients=group["coefficients"],
+                normalization=group["normalization"], dtype=group["ns_dtype"],
+                method=group["ns_method"], backend=group["ns_backend"],
+            )
+            for i, chunk in zip(idx, O.split([views[i][0] for i in idx], dim=0)):
+                ortho[i] = chunk
+
+        updates: list[Tensor] = []
+        for i, p in enumerate(params):
+            O = ortho[i]
+            assert O is not None
+            if group["normuon"]:
+                O = self._normuon(group, self.state[p]["normuon_v"], O)
+            _, m, n = views[i]
+            updates.append(O.reshape(p.shape).mul(lr * muon_update_scale(m, n, group["adjust_lr"])))
+
+        if wd != 0.0:
+            if group["cautious_wd"]:
+                for p, u in zip(params, updates):
+                    # decay only where the update pushes the weight toward zero
+                    p.sub_(p * (u * p > 0), alpha=lr * wd)
+            else:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_sub_(params, updates)
+
+    @staticmethod
+    def _normuon(group: dict[str, Any], v: Tensor, O: Tensor) -> Tensor:
+        beta2 = float(group["normuon_beta2"])
+        Of = O.float()
+        v.lerp_(Of.square().mean(dim=-1).to(v.dtype), 1.0 - beta2)
+        normed = Of / (v.float().unsqueeze(-1).sqrt() + 1e-8)
+        # keep each matrix's Frobenius norm: NorMuon changes the direction only
+        ratio = Of.norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+        return (normed * ratio).to(O.dtype)
