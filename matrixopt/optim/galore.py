@@ -474,13 +474,14 @@ class _GaLoreBase(MatrixOptimizer):
             else:
                 p3.baddbmm_(N, P.mT.expand(item.b, -1, -1), beta=d, alpha=alpha)
         else:
-            U = self._back(group, item, N)
-            if d != 1.0:
-                p.mul_(d)
-            if p3 is not None:
-                p3.add_(U, alpha=alpha)  # mixed dtypes are promoted inside the kernel
+            U = self._back(group, item, N * alpha)  # alpha folded into the small factor
+            if p3 is not None and d != 1.0:
+                # W <- d·W + U in one pass (U may be bf16: promoted inside the kernel)
+                torch.addcmul(U, p3, torch.tensor(d, dtype=p.dtype), out=p3)
             else:
-                p.add_(U.reshape(p.shape), alpha=alpha)
+                if d != 1.0:
+                    p.mul_(d)
+                (p3 if p3 is not None else p).add_(U if p3 is not None else U.reshape(p.shape))
         if residual == "fira":
             assert gain is not None
             G = item.G.to(N.dtype)

@@ -375,3 +375,25 @@ def test_unknown_key_and_sparse_gradient():
     p.grad = torch.zeros(4, 4).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdafactor])
+@pytest.mark.parametrize("extra", [{}, {"proj_type": "full"}, {"residual": "fira"}])
+def test_bf16_parameters_keep_their_dtype_with_float32_basis(cls, extra):
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(32, 12, generator=gen).bfloat16()
+    T = (X.float() @ torch.randn(12, 10, generator=gen)).bfloat16()
+    W = torch.zeros(12, 10, dtype=torch.bfloat16, requires_grad=True)
+    inner = {"lr": 0.05} if cls is GaLoreAdamW else {"lr": 0.05, "relative_step": False,
+                                                     "scale_parameter": False}
+    opt = cls([{"params": [W], "rank": 4, "update_proj_gap": 5, "scale": 1.0, **extra}], **inner)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((X @ W - T).float() ** 2).mean()
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        opt.step()
+    assert W.dtype == torch.bfloat16
+    assert opt.state[W]["projector"].dtype == torch.float32
+    assert float(((X @ W - T).float() ** 2).mean().detach()) < 0.7 * first
