@@ -39,7 +39,7 @@ from benchmarks._common import (  # noqa: E402
     write_csv,
 )
 from matrixopt.linalg._reference import polar_reference  # noqa: E402
-from matrixopt.linalg.polar import polar  # noqa: E402
+from matrixopt.linalg.polar_decomposition import polar  # noqa: E402
 
 
 def make_input(m: int, n: int, kappa: float, seed: int) -> torch.Tensor:

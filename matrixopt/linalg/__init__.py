@@ -14,7 +14,7 @@ from .coefficients import (
 )
 from .norms import spectral_norm
 from .orthogonalize import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
-from .polar import POLAR_METHODS, PolarResult, polar, select_polar_method
+from .polar_decomposition import POLAR_METHODS, PolarResult, polar, select_polar_method
 from .projectors import (
     BASIS_METHODS,
     PROJ_TYPES,
