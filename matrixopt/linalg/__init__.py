@@ -13,7 +13,7 @@ from .coefficients import (
     resolve_coefficients,
 )
 from .norms import spectral_norm
-from .orthogonalize import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
+from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
 from .polar_decomposition import POLAR_METHODS, PolarResult, polar, select_polar_method
 from .projectors import (
     BASIS_METHODS,

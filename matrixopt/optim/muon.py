@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.coefficients import resolve_coefficients
-from ..linalg.orthogonalize import orthogonalize
+from ..linalg.orthogonalization import orthogonalize
 from ._adamw import adamw_step_, init_adam_state
 from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, closure_loss
 

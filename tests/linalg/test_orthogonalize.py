@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import matrixopt.kernels.reference as reference_ops
 from matrixopt.linalg.coefficients import PRESETS, resolve_coefficients
-from matrixopt.linalg.orthogonalize import (
+from matrixopt.linalg.orthogonalization import (
     orthogonalize,
     orthogonalize_flops,
     resolve_backend,
@@ -417,7 +417,7 @@ class _CountingOps:
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_flop_formula_counts_the_products_performed(monkeypatch, shape, method, restart_every,
                                                     steps):
-    import matrixopt.linalg.orthogonalize as orth
+    import matrixopt.linalg.orthogonalization as orth
 
     ops = _CountingOps()
     monkeypatch.setattr(orth, "_ops", lambda backend: ops)
@@ -443,7 +443,7 @@ def test_auto_method_rule():
 
 
 def test_auto_method_is_what_runs(monkeypatch):
-    import matrixopt.linalg.orthogonalize as orth
+    import matrixopt.linalg.orthogonalization as orth
 
     ops = _CountingOps()
     monkeypatch.setattr(orth, "_ops", lambda backend: ops)
