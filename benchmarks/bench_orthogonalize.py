@@ -133,7 +133,7 @@ def spectrum_gpt2_grad(layers: int, seed: int = 2) -> Params | None:
     torch.manual_seed(seed)
     # byte-level vocabulary: the blocks have GPT-2-small's shapes, the embedding is small
     cfg = GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=128, vocab_size=256,
-                     bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+                     bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     text = b""
     for name in ("argparse.py", "inspect.py", "typing.py", "dataclasses.py"):
