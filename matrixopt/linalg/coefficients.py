@@ -50,6 +50,7 @@ parameter details that matter to reproduce them.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -307,12 +308,16 @@ def get_preset(name: str) -> CoefficientPreset:
     return PRESETS[name]
 
 
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _as_triple(value: object, where: str) -> Coefficients:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
         raise ValueError(f"{where} must be an (a, b, c) triple of finite floats, got {value!r}")
     triple = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not _is_real(v) or not math.isfinite(v):
             raise ValueError(f"{where} must be an (a, b, c) triple of finite floats, got {value!r}")
         triple.append(float(v))
     return triple[0], triple[1], triple[2]
@@ -345,7 +350,7 @@ def resolve_coefficients(coefficients: str | Coefficients | Sequence[Coefficient
         preset = get_preset(coefficients)
         table, tail = list(preset.coefficients), preset.tail
     elif isinstance(coefficients, Sequence) and len(coefficients) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in coefficients):
+            _is_real(v) for v in coefficients):
         triple = _as_triple(coefficients, "coefficients")
         table, tail = [triple] * (5 if steps is None else steps), triple
     elif isinstance(coefficients, Sequence) and not isinstance(coefficients, bytes):

@@ -217,6 +217,7 @@ def test_resolve_tuple_and_list():
     assert resolve_coefficients(lst) == lst
     assert resolve_coefficients(lst, 4) == lst + [lst[-1]] * 2
     assert resolve_coefficients([[2, -1, 0.1]], 1) == [(2.0, -1.0, 0.1)]
+    assert resolve_coefficients((np.float32(1.5), np.int64(-1), 0.0), 1) == [(1.5, -1.0, 0.0)]
 
 
 def test_unknown_preset_lists_valid_names():
