@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     print(machine_description(["heavyball"]))
     data = CharData()
-    rows = [run(c, args, data) for c in args.configs]
+    rows = []
+    for c in args.configs:
+        rows.append(run(c, args, data))
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
+              flush=True)
     base = next((r for r in rows if r["optimizer"] == "torch Muon + AdamW"), None)
     for r in rows:
         if base:
