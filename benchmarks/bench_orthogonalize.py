@@ -41,6 +41,7 @@ The table reports the worst matrix of the set. Spectra:
   steps, batches of 4×128 bytes of Python's own source files as tokens) -- real,
   very low-rank early-training gradient spectra; needs transformers.
 
+GFLOP: matrix-product flops of one call on the set (exact, load-independent).
 Times: torch.utils.benchmark median (benchmarks/_common.median_time) of one
 orthogonalisation of the whole set, torch threads fixed (default 2). Time does not
 depend on the spectrum, so it is measured once per method, in round-robin rounds
@@ -66,8 +67,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine_description, median_time, print_table, write_csv  # noqa: E402
-from matrixopt.linalg.coefficients import polar_express_coefficients  # noqa: E402
-from matrixopt.linalg.orthogonalization import orthogonalize  # noqa: E402
+from matrixopt.linalg.coefficients import (  # noqa: E402
+    polar_express_coefficients,
+    resolve_coefficients,
+)
+from matrixopt.linalg.orthogonalization import (  # noqa: E402
+    orthogonalize,
+    orthogonalize_flops,
+    resolve_method,
+)
 
 SHAPES: list[tuple[int, int]] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 KELLER = (3.4445, -4.7750, 2.0315)
@@ -187,6 +195,29 @@ def method_matrixopt(kwargs: dict[str, Any]) -> Callable[[Params], Params]:
     return run
 
 
+def method_gflop(label: str, layers: int) -> float:
+    """Matrix-product flops of one call on the whole set (data-independent, exact).
+
+    The three peers run 5 standard steps (4k²l + 2k³ each); matrixopt's count is
+    :func:`orthogonalize_flops` for the method it resolves to, plus the extra k×k
+    product of the spectral normalisation.
+    """
+    total = 0
+    for m, n in SHAPES:
+        k = min(m, n)
+        if label in CONFIGS:
+            kw = CONFIGS[label]
+            steps = len(resolve_coefficients(kw.get("coefficients", "polar_express"),
+                                             kw.get("steps")))
+            meth = resolve_method(m, n, steps, kw.get("method", "auto"), dtype=BF16)
+            f = orthogonalize_flops(m, n, steps, meth)
+            f += 2 * k**3 if kw.get("normalization") == "spectral" else 0
+        else:
+            f = orthogonalize_flops(m, n, 5, "standard")
+        total += layers * f
+    return total / 1e9
+
+
 def all_methods() -> dict[str, Callable[[Params], Params]]:
     methods: dict[str, Callable[[Params], Params]] = {"torch.optim.Muon (per matrix)": method_torch}
     for label, fn, module in [("heavyball (per matrix, eager)", method_heavyball, "heavyball"),
@@ -272,6 +303,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for label, fn in methods.items():
             q = quality(svds, fn(params))
             rows.append({"spectrum": spec_name, "method": label,
+                         "GFLOP": method_gflop(label, layers),
                          "time_ms": 1e3 * times[label],
                          "time_ms_min_round": 1e3 * min(per_round[label]), **q})
             print(f"  {spec_name:14s} {label:55s} {1e3 * times[label]:9.1f} ms  "
@@ -279,7 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     base = times["torch.optim.Muon (per matrix)"]
     for r in rows:
         r["× torch time"] = r["time_ms"] / (1e3 * base)
-    print_table(rows, ["spectrum", "method", "time_ms", "× torch time", "max|σ−1|", "max|uᵀOv−1|"],
+    print_table(rows, ["spectrum", "method", "GFLOP", "time_ms", "× torch time", "max|σ−1|",
+                       "max|uᵀOv−1|"],
                 title=f"orthogonalize, GPT-2-small parameter set ({layers} layer(s)), "
                       f"{args.threads} threads; quality over σ ≥ 1e-3·σ_max (worst matrix)")
     path = write_csv(rows, args.csv)
