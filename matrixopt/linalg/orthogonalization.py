@@ -181,8 +181,26 @@ def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype) -> Tensor:
         X = X.to(acc) / torch.where(amax > 0, amax, torch.ones_like(amax))
         nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     inv = torch.where(nrm > 0, (nrm * s).reciprocal(), torch.zeros_like(nrm))
-    # one rounding to `work` after the fp32 multiply (in-place ops compute in fp32)
-    return X.to(work, copy=True).mul_(inv)
+    return _scale_(X.to(work, copy=True), inv)
+
+
+def _scale_(X: Tensor, scale: Tensor) -> Tensor:
+    """``X *= scale`` in place (``scale`` broadcastable, float32/64); returns ``X``.
+
+    For bfloat16 ``X`` the scale is rounded to bfloat16 first (relative error
+    2⁻⁹, which the safety factor covers): a bf16 tensor times an fp32 tensor
+    takes a slow type-promoting path (measured 38 ms against 5 ms for a
+    4×768×3072 batch). float16 multiplies in float32, since a scale can leave
+    float16's range.
+    """
+    if X.dtype == torch.float16:
+        return X.copy_(X.float() * scale)
+    return X.mul_(scale.to(X.dtype))
+
+
+def _rounded(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The value :func:`_scale_` actually multiplies by, in ``scale``'s dtype."""
+    return scale.to(dtype).to(scale.dtype) if dtype == torch.bfloat16 else scale
 
 
 def _eye_plus(B: Tensor, a: float) -> Tensor:
@@ -320,13 +338,14 @@ def orthogonalize(
             A2 = Aacc @ Aacc if A.dtype == Aacc.dtype else ops.sym_poly(A, 0.0, 1.0)
             t = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True,
                                          dtype=Aacc.dtype).pow(0.25) * s
-            inv = torch.where(t > 0, t.reciprocal(), torch.ones_like(t))
-            X.mul_(inv)
+            inv = _rounded(torch.where(t > 0, t.reciprocal(), torch.ones_like(t)), work)
+            _scale_(X, inv)
             A = (Aacc * inv**2).to(work)
         else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
             rows = Aacc.abs().sum(dim=-1, keepdim=True)
             d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
-            X.mul_(d.mT if right else d)
+            d = _rounded(d, work)
+            _scale_(X, d.mT if right else d)
             A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":

@@ -345,9 +345,10 @@ def test_huge_and_tiny_scales_are_scale_invariant(dtype, scale, normalization):
     assert out.dtype == dtype and bool(torch.isfinite(out).all())
     if math.log2(scale).is_integer():
         # same mantissas as the unscaled input: the same result up to rounding
-        # (the overflow-safe path rounds in a different order)
+        # (the overflow-safe path rounds in a different order; in bf16 the
+        # composition's slope turns 2^-9 into up to ~0.1, see the tracking test)
         base = orthogonalize(G.to(dtype), normalization=normalization)
-        tol = {torch.float32: 1e-5, F64: 1e-12, torch.bfloat16: 0.05}[dtype]
+        tol = {torch.float32: 1e-5, F64: 1e-12, torch.bfloat16: 0.12}[dtype]
         torch.testing.assert_close(out, base, rtol=0, atol=tol)
     elif dtype != torch.bfloat16:
         # 1e±30 changes the float32 rounding of the input; compare with float64
