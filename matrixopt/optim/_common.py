@@ -151,6 +151,11 @@ class MatrixOptimizer(Optimizer):
         self._check_group(_GroupChecker(group, index, type(self).__name__))
 
     # -- loading ------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, but keep every state tensor's saved dtype
+        (REFERENCE pitfall 6; see :func:`load_state_keeping_dtypes`)."""
+        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # A state_dict saved by an older matrixopt or by a peer (torch.optim.Muon)
@@ -159,6 +164,30 @@ class MatrixOptimizer(Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+
+
+def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, Any],
+                              load: Callable[[dict[str, Any]], None]) -> None:
+    """Run torch's ``load_state_dict`` (``load``), then put back the saved state tensors.
+
+    torch casts every floating state tensor to its parameter's dtype on load,
+    which would silently turn float32 statistics of a bf16 parameter into bf16
+    (losing precision) and a bf16 momentum of a float32 parameter into float32
+    (doubling its memory). Here each tensor keeps the dtype it was saved with
+    and only moves to its parameter's device; ``step`` stays where torch puts it.
+    """
+    load(state_dict)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved = state_dict["state"]
+    for pid, p in zip(ids, params):
+        if pid not in saved or p not in opt.state:
+            continue
+        st = opt.state[p]
+        for k, v in saved[pid].items():
+            if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
+                    and st[k].dtype != v.dtype:
+                st[k] = v.to(device=p.device, copy=True)
 
 
 def check_grad(p: Tensor, owner: str, group_index: int) -> Tensor:

@@ -285,11 +285,6 @@ class Adafactor(MatrixOptimizer):
     def _check_group(self, check: _GroupChecker) -> None:
         check_adafactor_group(check)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as torch does, but keep every state tensor's saved dtype (see
-        :func:`load_state_keeping_dtypes`)."""
-        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
-
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -318,30 +313,6 @@ class Adafactor(MatrixOptimizer):
                 states = [self.state[p] for p in params]
                 adafactor_update_(params, grads, states, dims, group)
         return loss
-
-
-def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, Any],
-                              load: Callable[[dict[str, Any]], None]) -> None:
-    """Run torch's ``load_state_dict`` (``load``), then put back the saved state tensors.
-
-    torch casts every floating state tensor to its parameter's dtype on load,
-    which would silently turn float32 statistics of a bf16 parameter into bf16
-    (losing precision) and a bf16 momentum of a float32 parameter into float32
-    (doubling its memory). Here each tensor keeps the dtype it was saved with
-    and only moves to its parameter's device; ``step`` stays where torch puts it.
-    """
-    load(state_dict)
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    saved = state_dict["state"]
-    for pid, p in zip(ids, params):
-        if pid not in saved or p not in opt.state:
-            continue
-        st = opt.state[p]
-        for k, v in saved[pid].items():
-            if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
-                    and st[k].dtype != v.dtype:
-                st[k] = v.to(device=p.device, copy=True)
 
 
 def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:

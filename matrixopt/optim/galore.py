@@ -67,6 +67,8 @@ more than it saves outside the refresh.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -92,7 +94,6 @@ from .adafactor import (
     clip_factors,
     factored_dims,
     init_adafactor_state,
-    load_state_keeping_dtypes,
     param_scale,
     step_sizes,
 )
@@ -157,40 +158,42 @@ class _Item:
     bases: list[Tensor] = field(default_factory=list)  # [left or right] or [left, right], 3-D
 
 
-class _GaLoreBase(MatrixOptimizer):
+class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     """Projection, refresh, transport, residuals and the fused apply; the inner
     optimizer (Adam / Adafactor) is supplied by the subclasses."""
 
     # ------------------------------------------------------------ subclass API
+    @abc.abstractmethod
     def _check_inner(self, check: _GroupChecker) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _plain_step(self, index: int, group: dict[str, Any], params: list[Tensor],
                     grads: list[Tensor]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
                          ) -> tuple[list[Tensor], list[Any], list[Any]]:
         """Return (low-rank directions N, step multipliers c, decay factors d) per item."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
-        raise NotImplementedError
+        ...
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
         _check_galore_keys(check)
         self._check_inner(check)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as torch does, keeping every state tensor's saved dtype."""
-        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
 
     # ------------------------------------------------------------------ shapes
     @staticmethod
