@@ -1,23 +1,32 @@
 """The README's Python examples run as written."""
 
 import re
-from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+from markdown_examples import ROOT, python_blocks, run_example
+
+README = ROOT / "README.md"
+BLOCKS = python_blocks(README)
 
 
 def test_readme_has_examples():
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example_runs(code):
-    exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+@pytest.mark.parametrize("example", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_readme_example_runs(example):
+    run_example(example)
 
 
 def test_readme_states_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_has_one_shell_block_with_exactly_the_two_commands():
+    text = README.read_text()
+    shell = re.findall(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(shell) == 1
+    commands = [line.split("#", 1)[0].strip() for line in shell[0].splitlines()]
+    assert [c for c in commands if c] == ["make demo", "make test"]
