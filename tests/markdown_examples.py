@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
+_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 _REQUIRES = re.compile(r"#\s*requires:\s*(.+)")
 
 
@@ -52,4 +52,4 @@ def run_example(example: Example) -> None:
         pytest.skip(f"{example.id} needs {', '.join(missing)} (install the 'bench' extra)")
     # the line offset makes tracebacks point at the Markdown line
     code = "\n" * (example.line - 1) + example.code
-    exec(compile(code, str(example.path), "exec"), {"__name__": "__doc_example__"})
+    exec(compile(code, str(example.path), "exec"), {"__name__": "__doc_example__"})  # noqa: S102

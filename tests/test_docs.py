@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+from markdown_examples import ROOT, python_blocks, run_example
 
 import matrixopt
-from markdown_examples import ROOT, python_blocks, run_example
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
@@ -42,11 +42,11 @@ def test_relative_links_resolve(page):
 
 
 def _sections(text: str) -> dict[str, str]:
-    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    parts = re.split(r"^## (.+)$", text, flags=re.MULTILINE)
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-_ROW = re.compile(r"^\| `(\w+)` \| `([^`]*)` \|", flags=re.M)
+_ROW = re.compile(r"^\| `(\w+)` \| `([^`]*)` \|", flags=re.MULTILINE)
 
 
 @pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.GaLoreAdamW, matrixopt.GaLoreAdafactor,
@@ -61,7 +61,8 @@ def test_reference_lists_every_group_key_with_its_default(cls):
     extra = sorted(set(rows) - set(defaults))
     assert not extra, f"optimizers.md, ## {cls.__name__}: rows for unknown key(s) {extra}"
     for key, text in rows.items():
-        documented = eval(text, {"torch": torch})  # noqa: S307 - our own Markdown
+        # the cell is a Python literal from our own Markdown (e.g. `(0.9, 0.999)`)
+        documented = eval(text, {"torch": torch})
         assert documented == defaults[key], (
             f"optimizers.md, ## {cls.__name__}: `{key}` documented as {text}, "
             f"the constructor's default is {defaults[key]!r}")
