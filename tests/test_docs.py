@@ -35,10 +35,20 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
                          ids=lambda p: p.name)
 def test_relative_links_resolve(page):
     for target in _LINK.findall(page.read_text()):
-        if target.startswith(("http://", "https://", "#", "mailto:")):
+        if target.startswith(("http://", "https://", "mailto:")):
             continue
-        path = (page.parent / target.split("#", 1)[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
         assert path.exists(), f"{page.name}: broken link {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path.read_text()), f"{page.name}: no heading for {target}"
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    heads = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
 
 
 def _sections(text: str) -> dict[str, str]:
