@@ -19,7 +19,11 @@ included, uses the exchanged values, so replicas never drift apart.
 and momentum are DTensors with placement ``Shard(0)`` on a 1-D mesh; the local
 shards follow :func:`torch.chunk`, so they can be uneven or empty): the
 matrices are assigned to ranks the same way, one ``all_to_all_single`` sends
-every local shard (padded to the chunk size) to the matrix's owner, the owner
+every local shard (padded to the chunk size) to the matrix's owner — in the
+iteration dtype when it is narrower than the momentum's (bf16 by default, as
+Moonlight; the iteration rounds to it right after normalising, so this only
+adds one rounding before the norm; with ``ns_dtype=None`` or float32 the
+result equals the single-process one to fp32 rounding) — the owner
 stitches whole matrices, orthogonalises them as shape batches, and one
 ``all_to_all_single`` returns each rank its rows. Momentum never leaves its
 shard; the AdamW path is elementwise on local shards.
@@ -262,6 +266,10 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
         raise ValueError("Muon (FSDP2): all Muon parameters of a group must share dtype and "
                          f"device, got {sorted({str((d.dtype, d.device)) for d in dirs})}")
     dtype, device = dirs[0].dtype, dirs[0].device
+    # Payload in the iteration dtype when it is narrower (Moonlight's bf16 gather):
+    # the iteration casts to it right after normalising anyway.
+    wire = comm_dtype if comm_dtype is not None and comm_dtype.is_floating_point and \
+        torch.finfo(comm_dtype).bits < torch.finfo(dtype).bits else dtype
     plan = []  # (chunk rows, row numel, rows per rank) per tensor
     for d, shape in zip(dirs, full_shapes):
         chunk, rows = shard_rows(shape[0], w)
@@ -278,14 +286,14 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
     for o in range(w):
         ids = [i for i in range(len(dirs)) if owner[i] == o]
         for i in ids:
-            part = torch.zeros(padded[i], dtype=dtype, device=device)
+            part = torch.zeros(padded[i], dtype=wire, device=device)
             part[:dirs[i].numel()] = dirs[i].reshape(-1)
             send_parts.append(part)
         in_splits.append(sum(padded[i] for i in ids))
     mine = [i for i in range(len(dirs)) if owner[i] == me]
     per_src = sum(padded[i] for i in mine)
-    send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=dtype, device=device)
-    recv = torch.empty(per_src * w, dtype=dtype, device=device)
+    send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=wire, device=device)
+    recv = torch.empty(per_src * w, dtype=wire, device=device)
     dist.all_to_all_single(recv, send, [per_src] * w, in_splits, group=ctx.group)
     _record("all_to_all", (send.numel() - in_splits[me]) * send.element_size())
 
@@ -298,8 +306,8 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
         fulls.append(torch.cat(pieces).reshape(views[i]))
         offs += padded[i]
     done = _batched(fulls, orth)
-    rdtype = dtype
-    if comm_dtype is not None and comm_dtype != dtype:
+    rdtype = wire
+    if wire == dtype and comm_dtype is not None and comm_dtype != dtype:
         ok = torch.tensor([int(all(_exchange_dtype(O, comm_dtype) == comm_dtype for O in done))])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.group)
         rdtype = comm_dtype if ok.item() else dtype

@@ -109,3 +109,13 @@ def launch(fn: Callable[..., Any], out: Path, world: int = 2, timeout: float = 9
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"distributed workers did not finish within {timeout} s")
+
+
+def all_jobs(rank: int, world: int, out: Path) -> None:
+    """Every test module's 2-process job in one launch (process start-up dominates)."""
+    import test_lowrank_distributed
+    import test_muon_distributed
+
+    for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed)):
+        (out / name).mkdir(exist_ok=True)
+        mod._job(rank, world, out / name)
