@@ -53,6 +53,15 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             out[name] = "no error"
         except ValueError as e:
             out[name] = str(e)
+    from matrixopt import Adafactor, GaLoreAdamW
+    for cls in (Adafactor, GaLoreAdamW):  # the whole-matrix fallback validates too
+        dt = distribute_tensor(w, init_device_mesh("cpu", (world,)), [Replicate()])
+        dt.grad = torch.ones_like(dt)
+        try:
+            cls([dt]).step()
+            out[cls.__name__] = "no error"
+        except ValueError as e:
+            out[cls.__name__] = str(e)
     other = dist.new_group(list(range(world)))
     mesh = init_device_mesh("cpu", (world,))
     try:
@@ -269,6 +278,8 @@ def test_unsupported_layouts_raise_naming_them(results: tuple[dict, Path]) -> No
     assert "Shard(dim=1)" in errors["shard1"]
     assert "2-D" in errors["mesh2d"]
     assert "process_group" in errors["group"] and "mesh" in errors["group"]
+    for name in ("Adafactor", "GaLoreAdamW"):
+        assert name in errors[name] and "Replicate" in errors[name]
 
 
 def test_ddp_group_without_init_process_group_raises() -> None:
