@@ -79,12 +79,23 @@ def _job(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import matrixopt.optim.muon as muon_mod
+
     res: dict[str, object] = {}
+    work = {"ddp": 0, "fsdp": 0}
+    real = muon_mod.orthogonalize
+
+    def counting(X: torch.Tensor, mode: str, **kw: object) -> torch.Tensor:
+        work[mode] += matrix_cost(*X.shape)
+        return real(X, **kw)
+
     # DDP, fp32 iterations: equal to one process.
     model = DDP(make_model())
     opt = _muon(model, process_group=dist.group.WORLD)
+    muon_mod.orthogonalize = lambda X, **kw: counting(X, "ddp", **kw)
     with count_bytes() as c:
         res["ddp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+    muon_mod.orthogonalize = real
     res["ddp_bytes"] = dict(c)
     res["ddp_params"] = full_params(model)
     # DDP, default bf16 iterations: bf16 payload, replicas stay bit-identical.
@@ -104,8 +115,13 @@ def _job(rank: int, world: int, out: Path) -> None:
     fully_shard(model)
     opt = _muon(model)
     res["fsdp_keys"] = sorted(sorted(opt.state[p]) for p in model.parameters())
+    muon_mod.orthogonalize = lambda X, **kw: counting(X, "fsdp", **kw)
     with count_bytes() as c:
         res["fsdp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+    muon_mod.orthogonalize = real
+    per_rank: list[object] = [None] * world
+    dist.all_gather_object(per_rank, work)
+    res["work"] = per_rank
     res["fsdp_bytes"] = dict(c)
     res["fsdp_params"] = full_params(model)
     res["fsdp_keys"] = [sorted(opt.state[p]) for p in model.parameters()]
@@ -213,6 +229,16 @@ def test_ddp_exchanges_updates_once_in_iteration_dtype(results: tuple[dict, Path
     assert res["ddp_bytes"]["all_gather"] == STEPS * width * 4
     assert res["ddp_bf16_bytes"]["all_gather"] == STEPS * width * 2
     assert res["ddp_bf16_in_sync"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_each_rank_orthogonalises_only_its_share(results: tuple[dict, Path], mode: str) -> None:
+    res, _ = results
+    costs = [matrix_cost(1, *p.shape) for p in make_model().parameters() if p.ndim >= 2]
+    owner = lpt_assign(costs, 2)
+    shares = [STEPS * sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    assert [w[mode] for w in res["work"]] == shares
+    assert sum(shares) == STEPS * sum(costs) and min(shares) > 0
 
 
 def test_fsdp2_equals_single_process(results: tuple[dict, Path]) -> None:
