@@ -318,6 +318,10 @@ class Muon(MatrixOptimizer):
 
         # Same-shape matrices are one batched iteration; under DDP/FSDP2 each rank
         # orthogonalises only the matrices it owns (see _distributed).
+        if not hasattr(self, "_dist"):  # unpickled: the process group is not pickled
+            self._process_group = None
+            self._dist = resolve_context("Muon", [q for g in self.param_groups
+                                                  for q in g["params"]], None)
         ortho = distributed_orthogonalize(self._dist, list(dirs), views, shapes, orth,
                                           comm_dtype=group["ns_dtype"])
         state_keys = params
