@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+from ._distributed import gathered_params, has_dtensors
 
 __all__ = [
     "Adafactor",
@@ -290,6 +291,10 @@ class Adafactor(MatrixOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (``closure`` re-evaluates the loss)."""
         loss = closure_loss(closure)
+        if has_dtensors(self):  # FSDP2: whole-matrix fallback, see _distributed.gathered_params
+            with gathered_params(self, "Adafactor"):
+                self.step()
+            return loss
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []

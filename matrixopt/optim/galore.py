@@ -87,6 +87,7 @@ from ..linalg.projectors import (
 )
 from ._adamw import adam_direction, adam_moments_, adamw_step_, init_adam_state
 from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+from ._distributed import gathered_params, has_dtensors
 from .adafactor import (
     adafactor_precondition_,
     adafactor_update_,
@@ -235,6 +236,10 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (``closure`` re-evaluates the loss)."""
         loss = closure_loss(closure)
+        if has_dtensors(self):  # FSDP2: whole-matrix fallback, see _distributed.gathered_params
+            with gathered_params(self, type(self).__name__):
+                self.step()
+            return loss
         ordinal = 0
         for index, group in enumerate(self.param_groups):
             plain_p: list[Tensor] = []

@@ -35,6 +35,7 @@ from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
 from ._adamw import adamw_step_, init_adam_state
 from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
@@ -120,6 +121,15 @@ class Muon(MatrixOptimizer):
             whose update has the same sign as the weight (default False).
         betas: AdamW path (β1, β2) (default (0.9, 0.999), torch.optim.AdamW's).
         eps: AdamW path ε (default 1e-8).
+        process_group: data parallelism (not a group key). DTensor parameters
+            (FSDP2 ``fully_shard``, ``Shard(0)`` on a 1-D mesh) are detected
+            automatically: one all-to-all brings whole matrices to their owner
+            rank and one returns the shards (``process_group``, if given, must be
+            the mesh's group). For plain parameters under DDP, pass the DDP group
+            (e.g. ``torch.distributed.group.WORLD``) to split the
+            orthogonalisation across its ranks, balanced by flops, with one
+            all-gather of the updates; ``None`` (default) computes everything on
+            every rank. See :mod:`matrixopt.optim._distributed`.
 
     State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
     checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
@@ -151,6 +161,7 @@ class Muon(MatrixOptimizer):
         cautious_wd: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        process_group: Any | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -161,6 +172,20 @@ class Muon(MatrixOptimizer):
             betas=betas, eps=eps,
         )
         super().__init__(params, defaults)
+        self._process_group = process_group
+        self._dist = resolve_context(
+            "Muon", [p for g in self.param_groups for p in g["params"]], process_group)
+        if self._dist is not None and self._dist.mode == "fsdp":
+            for i, g in enumerate(self.param_groups):
+                if g["normuon"]:
+                    raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
+                                     f"with FSDP2 (DTensor) parameters")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_dist"):  # after construction: re-check the parallelism
+            self._dist = resolve_context(
+                "Muon", [p for g in self.param_groups for p in g["params"]], self._process_group)
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -263,9 +288,9 @@ class Muon(MatrixOptimizer):
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
             adamw_step_(
-                adam_p, adam_g,
-                [self.state[p]["exp_avg"] for p in adam_p],
-                [self.state[p]["exp_avg_sq"] for p in adam_p],
+                [local_tensor(p) for p in adam_p], [local_tensor(g) for g in adam_g],
+                [local_tensor(self.state[p]["exp_avg"]) for p in adam_p],
+                [local_tensor(self.state[p]["exp_avg_sq"]) for p in adam_p],
                 [self.state[p]["step"] for p in adam_p],
                 lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
             )
@@ -275,34 +300,38 @@ class Muon(MatrixOptimizer):
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                      lr: float, wd: float) -> None:
         mu = float(group["momentum"])
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        # Views and scales from the global shapes; the math on local shards (FSDP2).
+        views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
+        shapes = [p.shape for p in params]
+        bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in params]
+        grads = [local_tensor(g) for g in grads]
         torch._foreach_lerp_(bufs, grads, 1.0 - mu)
         # New tensors: the gradients are read, never written.
         dirs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
 
-        # Bucket same-shape matrices so each bucket is one batched iteration.
-        views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
-        buckets: dict[tuple[Any, ...], list[int]] = {}
-        for i, (p, (_, m, n)) in enumerate(zip(params, views)):
-            buckets.setdefault((m, n, p.dtype, p.device), []).append(i)
-        ortho: list[Tensor | None] = [None] * len(params)
-        for (m, n, _, _), idx in buckets.items():
-            mats = [dirs[i].reshape(views[i][0], m, n) for i in idx]
-            X = mats[0] if len(mats) == 1 else torch.cat(mats, dim=0)
-            O = orthogonalize(
+        def orth(X: Tensor) -> Tensor:
+            return orthogonalize(
                 X, steps=group["ns_steps"], coefficients=group["coefficients"],
                 normalization=group["normalization"], dtype=group["ns_dtype"],
                 method=group["ns_method"], backend=group["ns_backend"],
             )
-            for i, chunk in zip(idx, O.split([views[i][0] for i in idx], dim=0)):
-                ortho[i] = chunk
+
+        # Same-shape matrices are one batched iteration; under DDP/FSDP2 each rank
+        # orthogonalises only the matrices it owns (see _distributed).
+        if not hasattr(self, "_dist"):  # unpickled: the process group is not pickled
+            self._process_group = None
+            self._dist = resolve_context("Muon", [q for g in self.param_groups
+                                                  for q in g["params"]], None)
+        ortho = distributed_orthogonalize(self._dist, list(dirs), views, shapes, orth,
+                                          comm_dtype=group["ns_dtype"])
+        state_keys = params
+        params = [local_tensor(p) for p in params]
 
         updates: list[Tensor] = []
         for i, p in enumerate(params):
             O = ortho[i]
-            assert O is not None
             if group["normuon"]:
-                O = self._normuon(group, self.state[p]["normuon_v"], O)
+                O = self._normuon(group, self.state[state_keys[i]]["normuon_v"], O.reshape(views[i]))
             _, m, n = views[i]
             updates.append(O.reshape(p.shape).mul(lr * muon_update_scale(m, n, group["adjust_lr"])))
 

@@ -1,0 +1,183 @@
+"""Distributed Muon on N CPU ranks (gloo): bytes communicated per step vs AdamW, and
+the orthogonalisation phase per rank vs one process.
+
+Same GPT (examples/gpt.py), same initialisation. Byte accounting per rank and
+step, ring algorithms (what each rank sends):
+
+* DDP gradient all-reduce: counted by a DDP comm hook, ``2 (w-1)/w`` × bucket bytes.
+* Muon's own collectives: counted by :func:`matrixopt.optim._distributed.count_bytes`
+  (DDP: one all-gather of the updates, ``(w-1)`` × padded per-rank buffer; FSDP2:
+  two all-to-alls, what the rank sends to others).
+* FSDP2 baseline (``reshard_after_forward=False``: one parameter all-gather per
+  step, one gradient reduce-scatter): ``2 (w-1)/w`` × padded parameter bytes,
+  computed from the shard sizes.
+
+The orthogonalisation phase is the local compute of the matrices a rank owns
+(:func:`lpt_assign` plan), timed on each rank while the other ranks time theirs
+("concurrent": on this shared 2-core machine the ranks compete for the cores)
+and each share timed alone in one process, vs all matrices in one process (median of repeated runs; the machine is shared,
+use the same-run ratio).
+
+    python benchmarks/bench_distributed.py            # 2 ranks
+    python benchmarks/bench_distributed.py --world 2 --d-model 128 --n-layer 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_description, median_time, print_table  # noqa: E402
+from gpt import GPT, CharData, GPTConfig  # noqa: E402
+
+from matrixopt.linalg.orthogonalization import orthogonalize  # noqa: E402
+from matrixopt.optim import Muon, muon_param_groups  # noqa: E402
+from matrixopt.optim._distributed import (_batched, count_bytes, lpt_assign,  # noqa: E402
+                                          matrix_cost, shard_rows)
+
+STEPS = 3
+
+
+def _model(args: argparse.Namespace, vocab: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=vocab, seq_len=args.seq_len, n_layer=args.n_layer,
+                         d_model=args.d_model, n_head=args.n_head))
+
+
+def _muon_mats(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Random stand-ins for the momentum of every Muon-routed matrix."""
+    g = torch.Generator().manual_seed(0)
+    mats = []
+    for group in muon_param_groups(model):
+        if group.get("algorithm") == "muon":
+            mats += [torch.randn(1, *p.shape, generator=g) for p in group["params"]]
+    return mats
+
+
+def _orth(X: torch.Tensor) -> torch.Tensor:
+    return orthogonalize(X, dtype=torch.bfloat16)
+
+
+def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = CharData()
+    gen = torch.Generator().manual_seed(1 + rank)
+    res: dict[str, Any] = {}
+    ddp_bytes = [0]
+
+    def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
+        buf = bucket.buffer()
+        ddp_bytes[0] += 2 * (world - 1) * buf.numel() * buf.element_size() // world
+        return allreduce_hook(state, bucket)
+
+    def run(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            x, y = data.batch("train", args.batch_size, args.seq_len, gen)
+            opt.zero_grad(set_to_none=True)
+            model(x, y).backward()
+            opt.step()
+        return (time.perf_counter() - t0) / STEPS
+
+    for name in ("adamw", "muon"):
+        model = DDP(_model(args, data.vocab_size))
+        model.register_comm_hook(None, hook)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name == "adamw" else
+               Muon(muon_param_groups(model), lr=1e-3, process_group=dist.group.WORLD))
+        ddp_bytes[0] = 0
+        with count_bytes() as c:
+            res[f"ddp_{name}_s"] = run(model, opt)
+        res[f"ddp_{name}_bytes"] = (ddp_bytes[0] + sum(c.values())) / STEPS
+
+    model = _model(args, data.vocab_size)
+    pbytes = sum(shard_rows(p.shape[0], world)[0] * world * p[0].numel() * p.element_size()
+                 for p in model.parameters())
+    fully_shard(model, reshard_after_forward=False)
+    opt = Muon(muon_param_groups(model), lr=1e-3)
+    with count_bytes() as c:
+        res["fsdp_muon_s"] = run(model, opt)
+    base = 2 * (world - 1) * pbytes // world
+    res["fsdp_adamw_bytes"] = base
+    res["fsdp_muon_bytes"] = base + sum(c.values()) / STEPS
+
+    # orthogonalisation phase: this rank's share of the matrices
+    mats = _muon_mats(_model(args, data.vocab_size))
+    owner = lpt_assign([matrix_cost(*m.shape) for m in mats], world)
+    mine = [m for m, o in zip(mats, owner) if o == rank]
+    dist.barrier()
+    res["ortho_s"] = median_time(lambda: _batched(mine, _orth), min_run_time=args.min_time) \
+        if mine else 0.0
+    res["ortho_share"] = sum(matrix_cost(*m.shape) for m in mine) / sum(
+        matrix_cost(*m.shape) for m in mats)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, res)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
+    args = p.parse_args(argv)
+    import socket
+    import tempfile
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.path.join(tempfile.mkdtemp(), "res.pt")
+    mp.spawn(_job, args=(args.world, port, args, out), nprocs=args.world)
+    per_rank = torch.load(out, weights_only=False)
+    torch.set_num_threads(1)
+    mats = _muon_mats(_model(args, CharData().vocab_size))
+    single = median_time(lambda: _batched(mats, _orth), min_run_time=args.min_time)
+    # each rank's share timed alone (no other rank competing for the cores)
+    owner = lpt_assign([matrix_cost(*m.shape) for m in mats], args.world)
+    alone = [median_time(lambda r=r: _batched([m for m, o in zip(mats, owner) if o == r], _orth),
+                         min_run_time=args.min_time) for r in range(args.world)]
+
+    r0 = per_rank[0]
+    rows = [
+        {"setup": "DDP", "AdamW B/step": r0["ddp_adamw_bytes"], "Muon B/step": r0["ddp_muon_bytes"],
+         "ratio": r0["ddp_muon_bytes"] / r0["ddp_adamw_bytes"]},
+        {"setup": "FSDP2", "AdamW B/step": r0["fsdp_adamw_bytes"], "Muon B/step": r0["fsdp_muon_bytes"],
+         "ratio": r0["fsdp_muon_bytes"] / r0["fsdp_adamw_bytes"]},
+    ]
+    print(machine_description())
+    print(f"model: GPT d_model={args.d_model} n_layer={args.n_layer}; {args.world} gloo ranks, "
+          f"1 thread each; bytes per rank per step (ring accounting)")
+    print_table(rows, title="bytes communicated per step")
+    trows = [{"rank": r, "flop share": res["ortho_share"],
+              "ms (ranks concurrent)": 1e3 * res["ortho_s"], "ms (alone)": 1e3 * alone[r],
+              "alone vs single": alone[r] / single} for r, res in enumerate(per_rank)]
+    trows.append({"rank": "single", "flop share": 1.0, "ms (alone)": 1e3 * single,
+                  "alone vs single": 1.0})
+    print_table(trows, title="orthogonalisation phase (bf16 iterations, 1 thread)")
+    return rows + trows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+r"""Data-parallel orthogonalisation for Muon: DDP work splitting and FSDP2 shards.
+
+Orthogonalisation needs whole matrices, so data parallelism needs a plan for it
+(REFERENCE §2 "Distributed"; Liu et al. 2025, "Muon is Scalable for LLM
+Training", Distributed Muon). Everything here uses :mod:`torch.distributed`
+collectives only.
+
+**DDP** (plain tensors, gradients already averaged by DDP's all-reduce, so every
+rank holds the same momentum): the matrices are assigned to ranks by greedy
+longest-processing-time scheduling on their cost :math:`b\,\min(m,n)^2\max(m,n)`
+(:func:`lpt_assign`, deterministic, so every rank computes the same plan); each
+rank orthogonalises only its own matrices (batched by shape) and one
+``all_gather`` of a padded flat buffer gives every rank every update. The
+exchange runs in the iteration dtype when the result is exactly representable
+in it (bf16 iterations → bf16 payload, half the bytes); every rank, the owner
+included, uses the exchanged values, so replicas never drift apart.
+
+**FSDP2** (:func:`torch.distributed.fsdp.fully_shard`; parameters, gradients
+and momentum are DTensors with placement ``Shard(0)`` on a 1-D mesh; the local
+shards follow :func:`torch.chunk`, so they can be uneven or empty): the
+matrices are assigned to ranks the same way, one ``all_to_all_single`` sends
+every local shard (padded to the chunk size) to the matrix's owner — in the
+iteration dtype when it is narrower than the momentum's (bf16 by default, as
+Moonlight; the iteration rounds to it right after normalising, so this only
+adds one rounding before the norm; with ``ns_dtype=None`` or float32 the
+result equals the single-process one to fp32 rounding) — the owner
+stitches whole matrices, orthogonalises them as shape batches, and one
+``all_to_all_single`` returns each rank its rows. Momentum never leaves its
+shard; the AdamW path is elementwise on local shards.
+
+:func:`count_bytes` records the bytes of the collectives issued here (for the
+benchmark), with ring-algorithm accounting: per rank, an all-gather of a buffer
+of :math:`S` bytes per rank moves :math:`(w-1)S`, an all-to-all moves what the
+rank sends to the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
+           "local_tensor", "distributed_orthogonalize", "count_bytes"]
+
+_COUNTERS: list[dict[str, int]] = []
+
+
+@contextlib.contextmanager
+def count_bytes() -> Iterator[dict[str, int]]:
+    """Count the bytes each rank sends in the collectives of this module.
+
+    Yields a dict ``{"all_gather": bytes, "all_to_all": bytes}`` filled while the
+    context is open (ring accounting, see the module docstring).
+    """
+    c = {"all_gather": 0, "all_to_all": 0}
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def _record(kind: str, nbytes: int) -> None:
+    for c in _COUNTERS:
+        c[kind] += nbytes
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (shares storage), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def matrix_cost(b: int, m: int, n: int) -> int:
+    r"""Flop proxy of orthogonalising ``b`` matrices of ``m × n``: :math:`b\,s^2 l`,
+    ``s``/``l`` the short/long side (one Newton–Schulz step costs ≈ :math:`4s^2l + 2s^3`)."""
+    s, l = min(m, n), max(m, n)
+    return b * s * s * l
+
+
+def lpt_assign(costs: Sequence[float], world: int) -> list[int]:
+    """Owner rank of each job: greedy longest-processing-time scheduling.
+
+    Jobs in decreasing cost (ties: lower index first) go to the currently least
+    loaded rank (ties: lower rank). Deterministic, so every rank computes the
+    same plan; the makespan is at most 4/3 of the optimum (Graham 1969).
+    """
+    if world < 1:
+        raise ValueError(f"lpt_assign: world must be >= 1, got {world}")
+    owner = [0] * len(costs)
+    heap = [(0.0, r) for r in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + float(costs[i]), r))
+    return owner
+
+
+def shard_rows(rows: int, world: int) -> tuple[int, list[int]]:
+    """``(chunk, rows_per_rank)`` of a dim-0 shard with :func:`torch.chunk` semantics
+    (FSDP2's and DTensor ``Shard(0)``'s): chunk ``ceil(rows/world)``, trailing ranks
+    get fewer rows or none."""
+    chunk = -(-rows // world) if rows else 0
+    return chunk, [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """How an optimizer's matrices are spread: ``mode`` is ``"ddp"`` or ``"fsdp"``."""
+
+    mode: str
+    group: Any
+    world: int
+    rank: int
+
+
+def _describe_mesh(p: Tensor) -> str:
+    return f"mesh {p.device_mesh} with placements {tuple(p.placements)}"
+
+
+def resolve_context(owner: str, params: Sequence[Tensor], process_group: Any | None
+                    ) -> DistContext | None:
+    """Decide how ``params`` are distributed and validate it (at construction).
+
+    * DTensor parameters (FSDP2): all must be ``Shard(0)`` on the same 1-D mesh;
+      ``process_group``, if given, must be that mesh's group.
+    * plain parameters with a ``process_group`` (DDP): the group's ranks split the
+      orthogonalisation; ``torch.distributed`` must be initialised.
+    * plain parameters without one: ``None`` (single process).
+
+    Raises ``ValueError`` naming the placement, mesh or group that is not supported.
+    """
+    dts = [p for p in params if _is_dtensor(p)]
+    if dts:
+        from torch.distributed.tensor import Shard
+        if len(dts) != len(params):
+            raise ValueError(f"{owner}: parameters mix DTensors and plain tensors; give all "
+                             f"parameters the same parallelism (fully_shard the whole model)")
+        mesh = dts[0].device_mesh
+        for p in dts:
+            if p.device_mesh.ndim != 1:
+                raise ValueError(f"{owner}: DTensor parameter of shape {tuple(p.shape)} lives "
+                                 f"on a {p.device_mesh.ndim}-D {_describe_mesh(p)}; only a 1-D "
+                                 f"mesh (FSDP2 fully_shard) is supported")
+            if tuple(p.placements) != (Shard(0),):
+                raise ValueError(f"{owner}: DTensor parameter of shape {tuple(p.shape)} has "
+                                 f"placements {tuple(p.placements)}; only (Shard(dim=0),) "
+                                 f"(FSDP2 fully_shard) is supported")
+            if p.device_mesh != mesh:
+                raise ValueError(f"{owner}: DTensor parameters live on different meshes "
+                                 f"({mesh} and {p.device_mesh}); use one optimizer per mesh")
+        group = mesh.get_group()
+        if process_group is not None and process_group != group:
+            raise ValueError(f"{owner}: process_group {process_group} is not the device mesh's "
+                             f"group {group} that the parameters are sharded over")
+        return DistContext("fsdp", group, dist.get_world_size(group), dist.get_rank(group))
+    if process_group is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{owner}: process_group={process_group!r} given but "
+                         f"torch.distributed is not initialised")
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise ValueError(f"{owner}: this process is not a member of process_group "
+                         f"{process_group}")
+    return DistContext("ddp", process_group, world, rank)
+
+
+def _batched(mats: list[Tensor], orth: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """Orthogonalise ``[b, m, n]`` tensors, one ``orth`` call per (shape, dtype, device)."""
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, x in enumerate(mats):
+        buckets.setdefault((x.shape[1], x.shape[2], x.dtype, x.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(mats)
+    for idx in buckets.values():
+        xs = [mats[i] for i in idx]
+        O = orth(xs[0] if len(xs) == 1 else torch.cat(xs, dim=0))
+        for i, chunk in zip(idx, O.split([mats[i].shape[0] for i in idx], dim=0)):
+            out[i] = chunk
+    return out  # type: ignore[return-value]
+
+
+def _exchange_dtype(O: Tensor, comm_dtype: torch.dtype | None) -> torch.dtype:
+    """``comm_dtype`` if ``O`` round-trips through it exactly, else ``O.dtype``."""
+    if comm_dtype is None or comm_dtype == O.dtype or O.numel() == 0:
+        return O.dtype
+    if torch.finfo(comm_dtype).bits >= torch.finfo(O.dtype).bits:
+        return O.dtype
+    return comm_dtype if torch.equal(O.to(comm_dtype).to(O.dtype), O) else O.dtype
+
+
+def distributed_orthogonalize(ctx: DistContext | None, dirs: list[Tensor],
+                              views: list[tuple[int, int, int]], full_shapes: list[torch.Size],
+                              orth: Callable[[Tensor], Tensor],
+                              comm_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Orthogonalised ``dirs``, shaped like ``dirs`` (whole or local shards).
+
+    Args:
+        ctx: ``None`` (single process), DDP or FSDP2 context from :func:`resolve_context`.
+        dirs: update directions — whole tensors (single process, DDP) or the local
+            ``Shard(0)`` shards of tensors of ``full_shapes`` (FSDP2).
+        views: ``(b, m, n)`` matrix view of each full tensor.
+        full_shapes: global shape of each tensor.
+        orth: orthogonalises a ``[B, m, n]`` batch.
+        comm_dtype: preferred payload dtype of the returned updates (used only
+            where the result is exactly representable in it).
+    """
+    if ctx is None or ctx.world == 1:
+        mats = [d.reshape(v) for d, v in zip(dirs, views)]
+        return [O.reshape(d.shape) for O, d in zip(_batched(mats, orth), dirs)]
+    owner = lpt_assign([matrix_cost(*v) for v in views], ctx.world)
+    if ctx.mode == "ddp":
+        return _ddp(ctx, dirs, views, owner, orth, comm_dtype)
+    return _fsdp(ctx, dirs, views, full_shapes, owner, orth, comm_dtype)
+
+
+def _ddp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]],
+         owner: list[int], orth: Callable[[Tensor], Tensor],
+         comm_dtype: torch.dtype | None) -> list[Tensor]:
+    if len({(d.dtype, d.device) for d in dirs}) > 1:
+        raise ValueError("Muon (DDP): all Muon parameters of a group must share dtype and device, "
+                         f"got {sorted({str((d.dtype, d.device)) for d in dirs})}")
+    mine = [i for i, o in enumerate(owner) if o == ctx.rank]
+    done = _batched([dirs[i].reshape(views[i]) for i in mine], orth)
+    # Every rank must agree on the payload dtype: exact in comm_dtype everywhere.
+    dtype = dirs[0].dtype
+    if comm_dtype is not None and comm_dtype != dtype:
+        ok = torch.tensor([int(all(_exchange_dtype(O, comm_dtype) == comm_dtype for O in done))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.group)
+        dtype = comm_dtype if ok.item() else dtype
+    sizes = [sum(dirs[i].numel() for i, o in enumerate(owner) if o == r) for r in range(ctx.world)]
+    width = max(sizes)
+    buf = torch.zeros(width, dtype=dtype, device=dirs[0].device)
+    if done:
+        torch.cat([O.reshape(-1).to(dtype) for O in done], out=buf[:sizes[ctx.rank]])
+    gathered = [torch.empty_like(buf) for _ in range(ctx.world)]
+    dist.all_gather(gathered, buf, group=ctx.group)
+    _record("all_gather", (ctx.world - 1) * buf.numel() * buf.element_size())
+    out: list[Tensor | None] = [None] * len(dirs)
+    offsets = [0] * ctx.world
+    for i, o in enumerate(owner):
+        k = dirs[i].numel()
+        out[i] = gathered[o][offsets[o]:offsets[o] + k].view(dirs[i].shape).to(dirs[i].dtype)
+        offsets[o] += k
+    return out  # type: ignore[return-value]
+
+
+def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]],
+          full_shapes: list[torch.Size], owner: list[int], orth: Callable[[Tensor], Tensor],
+          comm_dtype: torch.dtype | None) -> list[Tensor]:
+    w, me = ctx.world, ctx.rank
+    if len({(d.dtype, d.device) for d in dirs}) > 1:
+        raise ValueError("Muon (FSDP2): all Muon parameters of a group must share dtype and "
+                         f"device, got {sorted({str((d.dtype, d.device)) for d in dirs})}")
+    dtype, device = dirs[0].dtype, dirs[0].device
+    # Payload in the iteration dtype when it is narrower (Moonlight's bf16 gather):
+    # the iteration casts to it right after normalising anyway.
+    wire = comm_dtype if comm_dtype is not None and comm_dtype.is_floating_point and \
+        torch.finfo(comm_dtype).bits < torch.finfo(dtype).bits else dtype
+    plan = []  # (chunk rows, row numel, rows per rank) per tensor
+    for d, shape in zip(dirs, full_shapes):
+        chunk, rows = shard_rows(shape[0], w)
+        row = math.prod(shape[1:])
+        if d.shape[0] != rows[me] or d.numel() != rows[me] * row:
+            raise ValueError(f"Muon (FSDP2): local shard of shape {tuple(d.shape)} of a parameter "
+                             f"of shape {tuple(shape)} does not follow torch.chunk over {w} ranks "
+                             f"(expected {rows[me]} rows); only even-chunk Shard(0) is supported")
+        plan.append((chunk, row, rows))
+    padded = [c * r for c, r, _ in plan]
+
+    # 1. shards -> owners: segment for rank o = my padded shards of o's tensors, in order.
+    send_parts, in_splits = [], []
+    for o in range(w):
+        ids = [i for i in range(len(dirs)) if owner[i] == o]
+        for i in ids:
+            part = torch.zeros(padded[i], dtype=wire, device=device)
+            part[:dirs[i].numel()] = dirs[i].reshape(-1)
+            send_parts.append(part)
+        in_splits.append(sum(padded[i] for i in ids))
+    mine = [i for i in range(len(dirs)) if owner[i] == me]
+    per_src = sum(padded[i] for i in mine)
+    send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=wire, device=device)
+    recv = torch.empty(per_src * w, dtype=wire, device=device)
+    dist.all_to_all_single(recv, send, [per_src] * w, in_splits, group=ctx.group)
+    _record("all_to_all", (send.numel() - in_splits[me]) * send.element_size())
+
+    # 2. whole matrices on their owner, orthogonalised as shape batches.
+    fulls = []
+    offs = 0
+    for i in mine:
+        chunk, row, rows = plan[i]
+        pieces = [recv[s * per_src + offs: s * per_src + offs + rows[s] * row] for s in range(w)]
+        fulls.append(torch.cat(pieces).reshape(views[i]))
+        offs += padded[i]
+    done = _batched(fulls, orth)
+    rdtype = wire
+    if wire == dtype and comm_dtype is not None and comm_dtype != dtype:
+        ok = torch.tensor([int(all(_exchange_dtype(O, comm_dtype) == comm_dtype for O in done))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.group)
+        rdtype = comm_dtype if ok.item() else dtype
+
+    # 3. rows back to their ranks: segment for rank s = its padded chunk of each of my tensors.
+    back_parts = []
+    for s in range(w):
+        for i, O in zip(mine, done):
+            chunk, row, rows = plan[i]
+            part = torch.zeros(padded[i], dtype=rdtype, device=device)
+            flat = O.reshape(-1)
+            part[:rows[s] * row] = flat[s * chunk * row: s * chunk * row + rows[s] * row]
+            back_parts.append(part)
+    back = torch.cat(back_parts) if back_parts else torch.zeros(0, dtype=rdtype, device=device)
+    result = torch.empty(send.numel(), dtype=rdtype, device=device)
+    dist.all_to_all_single(result, back, in_splits, [per_src] * w, group=ctx.group)
+    _record("all_to_all", (back.numel() - per_src) * back.element_size())
+
+    out: list[Tensor | None] = [None] * len(dirs)
+    off = 0
+    for o in range(w):
+        for i in (j for j in range(len(dirs)) if owner[j] == o):
+            n = dirs[i].numel()
+            out[i] = result[off:off + n].view(dirs[i].shape).to(dtype)
+            off += padded[i]
+    return out  # type: ignore[return-value]
+
+
+def has_dtensors(opt: torch.optim.Optimizer) -> bool:
+    """Whether any parameter of ``opt`` is a DTensor (FSDP2)."""
+    return any(_is_dtensor(p) for g in opt.param_groups for p in g["params"])
+
+
+@contextlib.contextmanager
+def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
+    """Whole-matrix fallback for FSDP2: inside, ``opt`` sees plain whole tensors.
+
+    Every DTensor parameter (validated by :func:`resolve_context`) is replaced in
+    ``opt.param_groups`` by a whole copy (``full_tensor()``, an all-gather) whose
+    ``grad`` is the whole gradient, and its state is moved to that copy. On exit
+    the local rows of the updated copy are written back into the shard and the
+    state moves back. Every rank runs the same deterministic step on the same
+    whole tensors, so the state is *replicated* plain tensors (whole-matrix
+    memory on every rank, not sharded) — correct, including DCP save/load at any
+    world size, but with an all-gather of parameters and gradients per step.
+    Used by Adafactor and the GaLore optimizers, whose statistics are not yet
+    computed on shards.
+    """
+    resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
+    swaps: list[tuple[dict[str, Any], int, Tensor, Tensor]] = []
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if not _is_dtensor(p):
+                continue
+            whole = p.full_tensor()
+            if p.grad is not None:
+                whole.grad = p.grad.full_tensor()
+            if p in opt.state:
+                opt.state[whole] = opt.state.pop(p)
+            group["params"][i] = whole
+            swaps.append((group, i, p, whole))
+    try:
+        yield
+    finally:
+        for group, i, p, whole in swaps:
+            group["params"][i] = p
+            if whole in opt.state:
+                opt.state[p] = opt.state.pop(whole)
+            whole.grad = None
+            local = p.to_local()
+            chunk, rows = shard_rows(p.shape[0], p.device_mesh.size())
+            start = p.device_mesh.get_local_rank() * chunk
+            local.copy_(whole[start:start + local.shape[0]])
