@@ -63,7 +63,7 @@ def test_compiled_training_step_matches_eager(name: str) -> None:
         l2 = compiled(m2, o2, x, y)
         torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-4)
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
     assert len(o2.state) == len(o1.state)
 
 

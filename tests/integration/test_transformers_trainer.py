@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the test extra)")
 
-from transformers import (  # noqa: E402
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
     get_cosine_schedule_with_warmup,
 )
 
-from matrixopt.optim import GaLoreAdamW, Muon, muon_param_groups  # noqa: E402
+from matrixopt.optim import GaLoreAdamW, Muon, muon_param_groups
 
 VOCAB, SEQ, MAX_STEPS, SAVE_AT = 64, 16, 4, 2
 
@@ -89,7 +89,7 @@ def run(name: str, out: Path, resume: str | None = None,
 @pytest.mark.parametrize("name", ["muon", "galore_adamw"])
 def test_trainer_trains_checkpoints_and_resumes(name: str, tmp_path: Path) -> None:
     model0 = tiny_gpt2()
-    full, model = run(name, tmp_path / "full")
+    _, model = run(name, tmp_path / "full")
     # it trained: every matrix moved
     moved = {n for (n, a), b in zip(model.named_parameters(), model0.parameters())
              if not torch.equal(a, b)}

@@ -129,22 +129,22 @@ class OptimInfo:
 
 # GaLore: a refresh every 3 steps so the refresh path (and resume across it) is
 # exercised within the few steps each check runs.
-_GALORE = dict(lr=1e-2, rank=2, update_proj_gap=3, stagger=1)
-_GALORE_AF = dict(rank=2, update_proj_gap=3, stagger=1)
+_GALORE = {"lr": 1e-2, "rank": 2, "update_proj_gap": 3, "stagger": 1}
+_GALORE_AF = {"rank": 2, "update_proj_gap": 3, "stagger": 1}
 
 REGISTRY: list[OptimInfo] = [
     # -- Muon ---------------------------------------------------------------
-    OptimInfo("muon-default", Muon, dict(lr=0.02)),
-    OptimInfo("muon-nesterov-off", Muon, dict(lr=0.02, nesterov=False)),
-    OptimInfo("muon-normuon", Muon, dict(lr=0.02, normuon=True)),
-    OptimInfo("muon-cautious-wd", Muon, dict(lr=0.02, cautious_wd=True, weight_decay=0.5)),
-    *[OptimInfo(f"muon-adjust-{mode}", Muon, dict(lr=0.02 if mode != "none" else 0.05,
-                                                  adjust_lr=mode))
+    OptimInfo("muon-default", Muon, {"lr": 0.02}),
+    OptimInfo("muon-nesterov-off", Muon, {"lr": 0.02, "nesterov": False}),
+    OptimInfo("muon-normuon", Muon, {"lr": 0.02, "normuon": True}),
+    OptimInfo("muon-cautious-wd", Muon, {"lr": 0.02, "cautious_wd": True, "weight_decay": 0.5}),
+    *[OptimInfo(f"muon-adjust-{mode}", Muon, {"lr": 0.02 if mode != "none" else 0.05,
+                                                  "adjust_lr": mode})
       for mode in ("original", "spectral", "none")],
-    OptimInfo("muon-fp32-ns", Muon, dict(lr=0.02, ns_dtype=torch.float32)),
-    OptimInfo("muon-param-groups", Muon, dict(lr=0.02), params=muon_param_groups),
-    OptimInfo("muon-conv", Muon, dict(lr=0.02), problem="conv"),
-    OptimInfo("muon-3d-experts", Muon, dict(lr=0.02), problem="experts"),
+    OptimInfo("muon-fp32-ns", Muon, {"lr": 0.02, "ns_dtype": torch.float32}),
+    OptimInfo("muon-param-groups", Muon, {"lr": 0.02}, params=muon_param_groups),
+    OptimInfo("muon-conv", Muon, {"lr": 0.02}, problem="conv"),
+    OptimInfo("muon-3d-experts", Muon, {"lr": 0.02}, problem="experts"),
     # -- GaLoreAdamW: projector x on_refresh x residual, every pair of values once
     # (a Latin square: 12 configurations instead of 36; a random basis learns slower)
     *[OptimInfo(f"galore-adamw-{proj}-{refresh}-{res}", GaLoreAdamW,
@@ -169,19 +169,19 @@ REGISTRY: list[OptimInfo] = [
     # -- Adafactor ----------------------------------------------------------
     OptimInfo("adafactor-relative-step", Adafactor, {}, uses_lr=False,
               decrease_steps=60, decrease_to=0.9),
-    OptimInfo("adafactor-warmup-init", Adafactor, dict(warmup_init=True), uses_lr=False,
+    OptimInfo("adafactor-warmup-init", Adafactor, {"warmup_init": True}, uses_lr=False,
               tiny_first_steps=True, decrease_steps=60, decrease_to=0.999),
     OptimInfo("adafactor-lr", Adafactor,
-              dict(lr=1e-2, relative_step=False, scale_parameter=False)),
+              {"lr": 1e-2, "relative_step": False, "scale_parameter": False}),
     OptimInfo("adafactor-beta1", Adafactor,
-              dict(lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9),
+              {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9},
               momentum_carries_lr=True),
     OptimInfo("adafactor-unfactored", Adafactor,
-              dict(lr=1e-2, relative_step=False, scale_parameter=False,
-                   min_dim_size_to_factor=10_000)),
+              {"lr": 1e-2, "relative_step": False, "scale_parameter": False,
+                   "min_dim_size_to_factor": 10_000}),
     OptimInfo("adafactor-weight-decay", Adafactor,
-              dict(lr=1e-2, relative_step=False, weight_decay=0.1)),
-    OptimInfo("adafactor-conv", Adafactor, dict(lr=1e-2, relative_step=False), problem="conv"),
+              {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
+    OptimInfo("adafactor-conv", Adafactor, {"lr": 1e-2, "relative_step": False}, problem="conv"),
 ]
 
 _names = [i.name for i in REGISTRY]

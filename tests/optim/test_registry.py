@@ -233,7 +233,10 @@ def test_add_param_group(info: OptimInfo) -> None:
     group = opt.param_groups[-1]
     assert set(opt.defaults) <= set(group), "new group misses default keys"
     before = extra.detach().clone()
-    fit = lambda: (extra - target).square().mean()  # noqa: E731
+
+    def fit() -> Tensor:
+        return (extra - target).square().mean()
+
     train(model, opt, 3, start=2, extra=fit)
     assert not torch.equal(extra, before) and torch.isfinite(extra).all()
     # the grown optimizer still round-trips
