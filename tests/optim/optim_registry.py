@@ -11,6 +11,7 @@ contracts (dtype, state_dict, resume, grads, schedulers), not convergence speed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,14 +146,13 @@ REGISTRY: list[OptimInfo] = [
     OptimInfo("muon-param-groups", Muon, {"lr": 0.02}, params=muon_param_groups),
     OptimInfo("muon-conv", Muon, {"lr": 0.02}, problem="conv"),
     OptimInfo("muon-3d-experts", Muon, {"lr": 0.02}, problem="experts"),
-    # -- GaLoreAdamW: projector x on_refresh x residual, every pair of values once
-    # (a Latin square: 12 configurations instead of 36; a random basis learns slower)
+    # -- GaLoreAdamW: projector x on_refresh x residual, all 36 (a random basis learns slower)
     *[OptimInfo(f"galore-adamw-{proj}-{refresh}-{res}", GaLoreAdamW,
-                dict(_GALORE, projector=proj, on_refresh=refresh, residual=res),
+                {**_GALORE, "projector": proj, "on_refresh": refresh, "residual": res},
                 decrease_to=0.9 if proj == "random" else 0.7)
-      for i, proj in enumerate(("warm", "rsvd", "svd", "random"))
-      for j, refresh in enumerate(("transport", "reset", "keep"))
-      for res in [(None, "fira", "apollo")[(i + j) % 3]]],
+      for proj, refresh, res in itertools.product(("warm", "rsvd", "svd", "random"),
+                                                  ("transport", "reset", "keep"),
+                                                  (None, "fira", "apollo"))],
     OptimInfo("galore-adamw-full", GaLoreAdamW, dict(_GALORE, proj_type="full"),
               decrease_to=0.9),  # an r x r core: slower per step
     OptimInfo("galore-adamw-conv", GaLoreAdamW, _GALORE, problem="conv"),
