@@ -4,7 +4,23 @@ from . import linalg, optim
 from .linalg import orthogonalize, polar, randomized_svd
 from .optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
 
-__version__ = "0.1.0"
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject.toml is the single source).
+
+    A source tree imported without being installed (``PYTHONPATH=.``) has no
+    distribution metadata; it reports ``0+unknown`` rather than a guessed number.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("matrixopt")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _installed_version()
 
 __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
            "orthogonalize", "polar", "randomized_svd", "linalg", "optim", "__version__"]
