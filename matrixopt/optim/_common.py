@@ -7,6 +7,9 @@
   load).
 * validation helpers whose messages name the group index, the key and the value.
 * gradient checks run at ``step()`` (sparse and complex gradients).
+* the per-group non-finite gradient policy (``nonfinite`` = ``"skip"``,
+  ``"raise"``, ``"ignore"``): :class:`SkipNonFinite` (masked, no host
+  synchronisation) and :meth:`MatrixOptimizer._raise_on_nonfinite`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,18 @@ from torch.optim import Optimizer
 __all__ = [
     "MatrixOptimizer",
     "GroupError",
+    "NonFiniteGradientError",
+    "NONFINITE_POLICIES",
+    "SkipNonFinite",
     "check_grad",
+    "finite_flags",
     "matrix_shape",
 ]
+
+#: Values of the ``nonfinite`` group key (see :class:`SkipNonFinite`).
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+#: State key of the per-parameter count of skipped (non-finite) gradients.
+NONFINITE_COUNT = "nonfinite_count"
 
 # Keys torch or common tooling may put into a parameter group besides the
 # optimizer's own hyperparameters: "name"/"param_names" (torch >= 2.6 named
@@ -34,6 +46,10 @@ _PASSTHROUGH_KEYS = frozenset({"params", "name", "param_names", "initial_lr"})
 
 class GroupError(ValueError):
     """Invalid hyperparameter in a parameter group (subclass of ValueError)."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN/Inf in a group with ``nonfinite="raise"``."""
 
 
 def _is_number(x: object) -> bool:
@@ -148,7 +164,36 @@ class MatrixOptimizer(Optimizer):
             if not p.is_floating_point():
                 raise GroupError(f"{type(self).__name__}: param_groups[{index}]: parameters "
                                  f"must be floating point, got dtype {p.dtype}")
-        self._check_group(_GroupChecker(group, index, type(self).__name__))
+        check = _GroupChecker(group, index, type(self).__name__)
+        if "nonfinite" in group:
+            check.choice("nonfinite", NONFINITE_POLICIES)
+        self._check_group(check)
+
+    # -- non-finite gradients ---------------------------------------------
+    def _raise_on_nonfinite(self) -> None:
+        """For groups with ``nonfinite="raise"``: raise :class:`NonFiniteGradientError`
+        naming the group and parameter index of the first gradient with NaN/Inf.
+
+        Called at the start of ``step()``, before anything is modified; one host
+        synchronisation per such group (only that policy pays it).
+        """
+        for gi, group in enumerate(self.param_groups):
+            if group.get("nonfinite") != "raise":
+                continue
+            pairs = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            if not pairs:
+                continue
+            flags = finite_flags([p.grad for _, p in pairs])  # type: ignore[misc]
+            devices = {f.device for f in flags}
+            if all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in devices):
+                continue
+            j, p = next(jp for jp, f in zip(pairs, flags) if not bool(f))
+            names = group.get("param_names")
+            name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: param_groups[{gi}]['params'][{j}]{name} of shape "
+                f"{tuple(p.shape)}: gradient contains NaN or Inf (nonfinite='raise'); nothing "
+                f"was updated. Use nonfinite='skip' to skip such parameters instead.")
 
     # -- loading ------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -188,6 +233,84 @@ def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, 
             if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
                     and st[k].dtype != v.dtype:
                 st[k] = v.to(device=p.device, copy=True)
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[Tensor]:
+    r"""Per gradient, a 0-dim bool tensor on its device: ``True`` iff it is finite.
+
+    Computed as :math:`\operatorname{isfinite}(\sum_i g_i)` (one vectorised
+    reduction, no host synchronisation): NaN and ±Inf entries propagate into the
+    sum. A finite gradient whose sum overflows (:math:`|\sum g| \gtrsim 3.4\cdot
+    10^{38}`, accumulated in float32 for float32/bf16/fp16) also counts as
+    non-finite -- such a gradient would overflow Adam's second moment anyway.
+    """
+    return [torch.isfinite(g.sum()) for g in grads]
+
+
+class SkipNonFinite:
+    r"""The ``nonfinite="skip"`` policy for one group's step, as a masked update.
+
+    Usage inside a step, after the state of ``params`` has been created and
+    before any of it is modified::
+
+        guard = SkipNonFinite(group, params, grads, self.state)
+        grads = guard.grads            # non-finite gradients replaced by zeros
+        ...                            # the unchanged update math
+        guard.finish()
+
+    For each parameter a 0-dim finite flag :math:`f` is computed on the device
+    (:func:`finite_flags`); the math runs on :math:`f\,?\,g : 0` so nothing
+    NaN enters batched work shared with other parameters (Muon's same-shape
+    orthogonalisation, GaLore's batched refresh); then every tensor it may
+    have changed -- the parameter and each state tensor, including ones the
+    step replaced (a refreshed GaLore basis) -- is set to
+    ``torch.where(f, new, old)`` from a copy taken here. So a skipped
+    parameter and its state (moments, momentum, step counters, the GaLore
+    refresh schedule) are bit-identical to before the step, and the state
+    counter ``nonfinite_count`` (int64, on the parameter's device) is
+    incremented. No host synchronisation: everything is a tensor op.
+
+    Limits: state tensors that live on another device than the parameter (the
+    CPU step counters, as torch keeps them, of a parameter on an accelerator)
+    cannot be masked without a synchronisation and advance as usual; state
+    keys the step creates (a first GaLore basis) are kept. With ``"raise"`` or
+    ``"ignore"`` this is a no-op (``grads`` passed through).
+
+    Cost: one reduction and one ``where`` per gradient, a copy of the
+    parameters and their state, and one ``where`` per tensor to restore.
+    """
+
+    def __init__(self, group: dict[str, Any], params: Sequence[Tensor], grads: Sequence[Tensor],
+                 state: Any) -> None:
+        self.active = group.get("nonfinite", "ignore") == "skip" and len(params) > 0
+        self.grads: list[Tensor] = list(grads)
+        if not self.active:
+            return
+        self.params = list(params)
+        self.states = [state[p] for p in self.params]
+        self.flags = finite_flags(self.grads)
+        self.grads = [torch.where(f, g, 0) for f, g in zip(self.flags, self.grads)]
+        self.saved = [(p.clone(), {k: v.clone() for k, v in st.items()
+                                   if isinstance(v, Tensor) and k != NONFINITE_COUNT})
+                      for p, st in zip(self.params, self.states)]
+
+    def finish(self) -> None:
+        """Restore skipped parameters and their state; count the skips."""
+        if not self.active:
+            return
+        for p, st, f, (p_old, s_old) in zip(self.params, self.states, self.flags, self.saved):
+            torch.where(f, p, p_old, out=p)
+            for k, old in s_old.items():
+                new = st.get(k)
+                if not isinstance(new, Tensor) or new.device != f.device:
+                    continue
+                if new.shape == old.shape and new.dtype == old.dtype:
+                    torch.where(f, new, old, out=new)
+            count = st.get(NONFINITE_COUNT)
+            if count is None:
+                count = st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
+            count.add_(f.logical_not())
+        self.saved = []
 
 
 def check_grad(p: Tensor, owner: str, group_index: int) -> Tensor:
