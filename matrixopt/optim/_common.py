@@ -154,6 +154,13 @@ class MatrixOptimizer(Optimizer):
                 f"{type(self).__name__}: param_groups[{index}]: unknown key(s) {unknown}; "
                 f"valid keys are {sorted(self.defaults)}"
             )
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = params = [params]
+        elif params is not None and not isinstance(params, (set, dict)):
+            param_group["params"] = params = list(params)
+        if isinstance(params, list):
+            self._check_duplicates(params, index)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -168,6 +175,23 @@ class MatrixOptimizer(Optimizer):
         if "nonfinite" in group:
             check.choice("nonfinite", NONFINITE_POLICIES)
         self._check_group(check)
+
+    def _check_duplicates(self, params: list[Any], index: int) -> None:
+        """A parameter may appear once in one group: twice would update it twice per step."""
+        owner = type(self).__name__
+        seen: set[int] = set()
+        for j, p in enumerate(params):
+            if id(p) in seen:
+                raise GroupError(f"{owner}: param_groups[{index}]['params'][{j}] (shape "
+                                 f"{tuple(p.shape)}) appears twice in the group")
+            seen.add(id(p))
+        for gi, g in enumerate(self.param_groups):
+            for j, p in enumerate(params):
+                if any(q is p for q in g["params"]):
+                    raise GroupError(
+                        f"{owner}: param_groups[{index}]['params'][{j}] (shape "
+                        f"{tuple(p.shape)}) is already in param_groups[{gi}]; a parameter "
+                        f"must belong to exactly one group")
 
     # -- non-finite gradients ---------------------------------------------
     def _raise_on_nonfinite(self) -> None:
