@@ -179,6 +179,8 @@ class MatrixOptimizer(Optimizer):
     def _check_duplicates(self, params: list[Any], index: int) -> None:
         """A parameter may appear once in one group: twice would update it twice per step."""
         owner = type(self).__name__
+        # torch >= 2.6 also accepts (name, tensor) pairs (named_parameters())
+        params = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         seen: set[int] = set()
         for j, p in enumerate(params):
             if id(p) in seen:

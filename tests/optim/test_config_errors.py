@@ -81,3 +81,12 @@ def test_duplicate_parameter_within_group_and_via_add_param_group(cls):
         opt.add_param_group({"params": a})
     opt.add_param_group({"params": iter([b])})  # generators still work
     assert opt.param_groups[1]["params"] == [b]
+
+
+def test_duplicate_detected_with_named_parameters():
+    model = nn.Linear(4, 3)
+    with pytest.raises(GroupError, match=r"param_groups\[1\]\['params'\]\[0\].*param_groups\[0\]"):
+        Muon([{"params": list(model.named_parameters())},
+              {"params": [("again", model.weight)]}])
+    opt = Muon(model.named_parameters())  # no duplicates: fine
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
