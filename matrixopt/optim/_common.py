@@ -270,7 +270,16 @@ def finite_flags(grads: Sequence[Tensor]) -> list[Tensor]:
     10^{38}`, accumulated in float32 for float32/bf16/fp16) also counts as
     non-finite -- such a gradient would overflow Adam's second moment anyway.
     """
-    return [torch.isfinite(g.sum()) for g in grads]
+    sums = [g.sum() for g in grads]
+    flags: list[Tensor] = [torch.empty(0)] * len(sums)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(sums):
+        by_device.setdefault(x.device, []).append(i)
+    for idx in by_device.values():  # one isfinite per device, views per gradient
+        ok = torch.isfinite(torch.stack([sums[i] for i in idx]))
+        for i, f in zip(idx, ok.unbind()):
+            flags[i] = f
+    return flags
 
 
 class SkipNonFinite:
@@ -303,8 +312,17 @@ class SkipNonFinite:
     ``"ignore"`` this is a no-op (``grads`` passed through).
 
     Cost: one reduction and one ``where`` per gradient, a copy of the
-    parameters and their state, and one ``where`` per tensor to restore.
+    parameters and their state, and one ``where`` per tensor to restore --
+    per-tensor ops, so on small models the launch overhead dominates. On the
+    CPU, where reading the flags costs no synchronisation, an all-finite step
+    skips all of it (only the reductions remain); a step with a non-finite
+    gradient takes the masked path.
     """
+
+    #: On the CPU, skip the copies and masks when every flag is True (reading a
+    #: CPU tensor is not a synchronisation). Tests switch it off to run the
+    #: masked path that accelerators always take.
+    cpu_shortcut: bool = True
 
     def __init__(self, group: dict[str, Any], params: Sequence[Tensor], grads: Sequence[Tensor],
                  state: Any) -> None:
@@ -315,27 +333,46 @@ class SkipNonFinite:
         self.params = list(params)
         self.states = [state[p] for p in self.params]
         self.flags = finite_flags(self.grads)
+        if (self.cpu_shortcut and all(f.device.type == "cpu" for f in self.flags)
+                and bool(torch.stack(self.flags).all())):
+            # reading a CPU flag is no synchronisation: an all-finite step on the
+            # CPU needs no copy and no masking (bit-identical to the masked path)
+            self.saved = []
+            self.masked = False
+            return
+        self.masked = True
         self.grads = [torch.where(f, g, 0) for f, g in zip(self.flags, self.grads)]
-        self.saved = [(p.clone(), {k: v.clone() for k, v in st.items()
-                                   if isinstance(v, Tensor) and k != NONFINITE_COUNT})
-                      for p, st in zip(self.params, self.states)]
+        # one foreach copy (x * 1 is exact) of the parameters and their state
+        self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT]
+                     for st in self.states]
+        flat = [t for p, st, ks in zip(self.params, self.states, self.keys)
+                for t in (p, *(st[k] for k in ks))]
+        self.saved = torch._foreach_mul(flat, 1) if flat else []
 
     def finish(self) -> None:
         """Restore skipped parameters and their state; count the skips."""
         if not self.active:
             return
-        for p, st, f, (p_old, s_old) in zip(self.params, self.states, self.flags, self.saved):
-            torch.where(f, p, p_old, out=p)
-            for k, old in s_old.items():
-                new = st.get(k)
-                if not isinstance(new, Tensor) or new.device != f.device:
-                    continue
-                if new.shape == old.shape and new.dtype == old.dtype:
+        if not self.masked:
+            for p, st in zip(self.params, self.states):
+                if NONFINITE_COUNT not in st:
+                    st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
+            return
+        saved = iter(self.saved)
+        counts: list[Tensor] = []
+        for p, st, f, ks in zip(self.params, self.states, self.flags, self.keys):
+            torch.where(f, p, next(saved), out=p)
+            for k in ks:
+                old, new = next(saved), st.get(k)
+                if (isinstance(new, Tensor) and new.device == f.device
+                        and new.shape == old.shape and new.dtype == old.dtype):
                     torch.where(f, new, old, out=new)
             count = st.get(NONFINITE_COUNT)
             if count is None:
                 count = st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
-            count.add_(f.logical_not())
+            counts.append(count)
+        torch._foreach_add_(counts, [f.logical_not() for f in self.flags] if len(
+            {f.device for f in self.flags}) > 1 else list(torch.stack(self.flags).logical_not().unbind()))
         self.saved = []
 
 

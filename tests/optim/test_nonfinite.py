@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon
-from matrixopt.optim._common import GroupError, NonFiniteGradientError
+from matrixopt.optim._common import GroupError, NonFiniteGradientError, SkipNonFinite
 
 SHAPES = [(8, 6), (6, 8), (8, 6), (5,), (2, 3, 4), (4, 3, 3, 3)]
 
@@ -117,8 +117,11 @@ def test_skip_on_first_step_keeps_param(name):
     assert not torch.equal(ps[1], w)
 
 
+@pytest.mark.parametrize("shortcut", [True, False], ids=["cpu_shortcut", "masked"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_skip_equals_ignore_on_finite_gradients(name):
+def test_skip_equals_ignore_on_finite_gradients(name, shortcut, monkeypatch):
+    # masked: the path accelerators always take (copy, zeroed grads, where-restore)
+    monkeypatch.setattr(SkipNonFinite, "cpu_shortcut", shortcut)
     a, b = _params(), _params()
     oa, ob = CONFIGS[name](a), CONFIGS[name](b, nonfinite="ignore")
     for t in range(5):
@@ -267,3 +270,40 @@ def test_grad_scaler_skipped_step_leaves_state_untouched(name):
     scaler.update()
     assert all(not torch.equal(p, w) for p, (w, _) in zip(ps, before))
     assert all(int(opt.state[p]["nonfinite_count"]) == 0 for p in ps)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_masked_skip_has_no_host_sync_beyond_the_optimizer_own(name, monkeypatch):
+    """With the masked path (what accelerators run) and a NaN gradient, "skip" adds
+    no tensor-to-host read to what "ignore" already does on the same step."""
+    monkeypatch.setattr(SkipNonFinite, "cpu_shortcut", False)
+    reads = {"n": 0}
+    real = {k: getattr(torch.Tensor, k) for k in ("item", "__bool__", "__float__", "__int__")}
+
+    def counting(name_):
+        def f(self, *a, **k):
+            if self.device.type == "cpu" and self.numel() == 1 and self.dtype == torch.bool:
+                reads["n"] += 1  # a bool flag read back: what a sync on the mask would be
+            return real[name_](self, *a, **k)
+        return f
+
+    def reads_during_second_step(policy, poison):
+        ps = _params()
+        opt = CONFIGS[name](ps, nonfinite=policy)
+        _set(ps, _grads(0))
+        opt.step()
+        gs = _grads(1)
+        if poison:
+            gs[0].view(-1)[0] = float("nan")
+        _set(ps, gs)
+        reads["n"] = 0
+        with monkeypatch.context() as m:
+            for k in real:
+                m.setattr(torch.Tensor, k, counting(k))
+            opt.step()
+        return reads["n"], opt, ps
+
+    baseline, _, _ = reads_during_second_step("ignore", False)
+    n, opt, ps = reads_during_second_step("skip", True)
+    assert n == baseline  # (orthogonalize's own CPU-only finiteness check reads one)
+    assert int(opt.state[ps[0]]["nonfinite_count"]) == 1
