@@ -270,7 +270,11 @@ def finite_flags(grads: Sequence[Tensor]) -> list[Tensor]:
     10^{38}`, accumulated in float32 for float32/bf16/fp16) also counts as
     non-finite -- such a gradient would overflow Adam's second moment anyway.
     """
-    sums = [g.sum() for g in grads]
+    return _flags([g.sum() for g in grads])
+
+
+def _flags(sums: list[Tensor]) -> list[Tensor]:
+    """:func:`finite_flags` from the gradients' sums."""
     flags: list[Tensor] = [torch.empty(0)] * len(sums)
     by_device: dict[torch.device, list[int]] = {}
     for i, x in enumerate(sums):
@@ -332,15 +336,16 @@ class SkipNonFinite:
             return
         self.params = list(params)
         self.states = [state[p] for p in self.params]
-        self.flags = finite_flags(self.grads)
-        if (self.cpu_shortcut and all(f.device.type == "cpu" for f in self.flags)
-                and bool(torch.stack(self.flags).all())):
-            # reading a CPU flag is no synchronisation: an all-finite step on the
+        sums = [g.sum() for g in self.grads]
+        if (self.cpu_shortcut and all(x.device.type == "cpu" for x in sums)
+                and all(map(math.isfinite, torch.stack(sums).tolist()))):
+            # reading CPU values is no synchronisation: an all-finite step on the
             # CPU needs no copy and no masking (bit-identical to the masked path)
             self.saved = []
             self.masked = False
             return
         self.masked = True
+        self.flags = _flags(sums)
         self.grads = [torch.where(f, g, 0) for f, g in zip(self.flags, self.grads)]
         # one foreach copy (x * 1 is exact) of the parameters and their state
         self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT]
