@@ -348,8 +348,10 @@ class SkipNonFinite:
         self.flags = _flags(sums)
         self.grads = [torch.where(f, g, 0) for f, g in zip(self.flags, self.grads)]
         # one foreach copy (x * 1 is exact) of the parameters and their state
-        self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT]
-                     for st in self.states]
+        # (state on another device than the flag -- CPU step counters of an
+        # accelerator parameter -- cannot be masked without a sync: not copied)
+        self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT
+                      and v.device == f.device] for st, f in zip(self.states, self.flags)]
         flat = [t for p, st, ks in zip(self.params, self.states, self.keys)
                 for t in (p, *(st[k] for k in ks))]
         self.saved = torch._foreach_mul(flat, 1) if flat else []
@@ -369,7 +371,7 @@ class SkipNonFinite:
             torch.where(f, p, next(saved), out=p)
             for k in ks:
                 old, new = next(saved), st.get(k)
-                if (isinstance(new, Tensor) and new.device == f.device
+                if (isinstance(new, Tensor) and new.device == old.device
                         and new.shape == old.shape and new.dtype == old.dtype):
                     torch.where(f, new, old, out=new)
             count = st.get(NONFINITE_COUNT)
