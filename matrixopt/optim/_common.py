@@ -7,6 +7,9 @@
   load).
 * validation helpers whose messages name the group index, the key and the value.
 * gradient checks run at ``step()`` (sparse and complex gradients).
+* the per-group non-finite gradient policy (``nonfinite`` = ``"skip"``,
+  ``"raise"``, ``"ignore"``): :class:`SkipNonFinite` (masked, no host
+  synchronisation) and :meth:`MatrixOptimizer._raise_on_nonfinite`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,23 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._distributed import _is_dtensor, local_tensor
+
 __all__ = [
     "MatrixOptimizer",
     "GroupError",
+    "NonFiniteGradientError",
+    "NONFINITE_POLICIES",
+    "SkipNonFinite",
     "check_grad",
+    "finite_flags",
     "matrix_shape",
 ]
+
+#: Values of the ``nonfinite`` group key (see :class:`SkipNonFinite`).
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+#: State key of the per-parameter count of skipped (non-finite) gradients.
+NONFINITE_COUNT = "nonfinite_count"
 
 # Keys torch or common tooling may put into a parameter group besides the
 # optimizer's own hyperparameters: "name"/"param_names" (torch >= 2.6 named
@@ -34,6 +48,10 @@ _PASSTHROUGH_KEYS = frozenset({"params", "name", "param_names", "initial_lr"})
 
 class GroupError(ValueError):
     """Invalid hyperparameter in a parameter group (subclass of ValueError)."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN/Inf in a group with ``nonfinite="raise"``."""
 
 
 def _is_number(x: object) -> bool:
@@ -138,6 +156,13 @@ class MatrixOptimizer(Optimizer):
                 f"{type(self).__name__}: param_groups[{index}]: unknown key(s) {unknown}; "
                 f"valid keys are {sorted(self.defaults)}"
             )
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = params = [params]
+        elif params is not None and not isinstance(params, (set, dict)):
+            param_group["params"] = params = list(params)
+        if isinstance(params, list):
+            self._check_duplicates(params, index)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -148,7 +173,55 @@ class MatrixOptimizer(Optimizer):
             if not p.is_floating_point():
                 raise GroupError(f"{type(self).__name__}: param_groups[{index}]: parameters "
                                  f"must be floating point, got dtype {p.dtype}")
-        self._check_group(_GroupChecker(group, index, type(self).__name__))
+        check = _GroupChecker(group, index, type(self).__name__)
+        if "nonfinite" in group:
+            check.choice("nonfinite", NONFINITE_POLICIES)
+        self._check_group(check)
+
+    def _check_duplicates(self, params: list[Any], index: int) -> None:
+        """A parameter may appear once in one group: twice would update it twice per step."""
+        owner = type(self).__name__
+        # torch >= 2.6 also accepts (name, tensor) pairs (named_parameters())
+        params = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        seen: set[int] = set()
+        for j, p in enumerate(params):
+            if id(p) in seen:
+                raise GroupError(f"{owner}: param_groups[{index}]['params'][{j}] (shape "
+                                 f"{tuple(p.shape)}) appears twice in the group")
+            seen.add(id(p))
+        for gi, g in enumerate(self.param_groups):
+            for j, p in enumerate(params):
+                if any(q is p for q in g["params"]):
+                    raise GroupError(
+                        f"{owner}: param_groups[{index}]['params'][{j}] (shape "
+                        f"{tuple(p.shape)}) is already in param_groups[{gi}]; a parameter "
+                        f"must belong to exactly one group")
+
+    # -- non-finite gradients ---------------------------------------------
+    def _raise_on_nonfinite(self) -> None:
+        """For groups with ``nonfinite="raise"``: raise :class:`NonFiniteGradientError`
+        naming the group and parameter index of the first gradient with NaN/Inf.
+
+        Called at the start of ``step()``, before anything is modified; one host
+        synchronisation per such group (only that policy pays it).
+        """
+        for gi, group in enumerate(self.param_groups):
+            if group.get("nonfinite") != "raise":
+                continue
+            pairs = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            if not pairs:
+                continue
+            flags = finite_flags([p.grad for _, p in pairs])  # type: ignore[misc]
+            devices = {f.device for f in flags}
+            if all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in devices):
+                continue
+            j, p = next(jp for jp, f in zip(pairs, flags) if not bool(f))
+            names = group.get("param_names")
+            name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: param_groups[{gi}]['params'][{j}]{name} of shape "
+                f"{tuple(p.shape)}: gradient contains NaN or Inf (nonfinite='raise'); nothing "
+                f"was updated. Use nonfinite='skip' to skip such parameters instead.")
 
     # -- loading ------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -188,6 +261,136 @@ def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, 
             if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
                     and st[k].dtype != v.dtype:
                 st[k] = v.to(device=p.device, copy=True)
+
+
+def _full(x: Tensor) -> Tensor:
+    """A DTensor reduction as a plain tensor (a collective over its mesh), else ``x``."""
+    return x.full_tensor() if isinstance(x, Tensor) and _is_dtensor(x) else x
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[Tensor]:
+    r"""Per gradient, a 0-dim bool tensor on its device: ``True`` iff it is finite.
+
+    Computed as :math:`\operatorname{isfinite}(\sum_i g_i)` (one vectorised
+    reduction, no host synchronisation): NaN and ±Inf entries propagate into the
+    sum. A finite gradient whose sum overflows (:math:`|\sum g| \gtrsim 3.4\cdot
+    10^{38}`, accumulated in float32 for float32/bf16/fp16) also counts as
+    non-finite -- such a gradient would overflow Adam's second moment anyway.
+    """
+    return _flags([_full(g.sum()) for g in grads])
+
+
+def _flags(sums: list[Tensor]) -> list[Tensor]:
+    """:func:`finite_flags` from the gradients' sums."""
+    flags: list[Tensor] = [torch.empty(0)] * len(sums)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(sums):
+        by_device.setdefault(x.device, []).append(i)
+    for idx in by_device.values():  # one isfinite per device, views per gradient
+        ok = torch.isfinite(torch.stack([sums[i] for i in idx]))
+        for i, f in zip(idx, ok.unbind()):
+            flags[i] = f
+    return flags
+
+
+class SkipNonFinite:
+    r"""The ``nonfinite="skip"`` policy for one group's step, as a masked update.
+
+    Usage inside a step, after the state of ``params`` has been created and
+    before any of it is modified::
+
+        guard = SkipNonFinite(group, params, grads, self.state)
+        grads = guard.grads            # non-finite gradients replaced by zeros
+        ...                            # the unchanged update math
+        guard.finish()
+
+    For each parameter a 0-dim finite flag :math:`f` is computed on the device
+    (:func:`finite_flags`); the math runs on :math:`f\,?\,g : 0` so nothing
+    NaN enters batched work shared with other parameters (Muon's same-shape
+    orthogonalisation, GaLore's batched refresh); then every tensor it may
+    have changed -- the parameter and each state tensor, including ones the
+    step replaced (a refreshed GaLore basis) -- is set to
+    ``torch.where(f, new, old)`` from a copy taken here. So a skipped
+    parameter and its state (moments, momentum, step counters, the GaLore
+    refresh schedule) are bit-identical to before the step, and the state
+    counter ``nonfinite_count`` (int64, on the parameter's device) is
+    incremented. No host synchronisation: everything is a tensor op.
+
+    Limits: state tensors that live on another device than the parameter (the
+    CPU step counters, as torch keeps them, of a parameter on an accelerator)
+    cannot be masked without a synchronisation and advance as usual; state
+    keys the step creates (a first GaLore basis) are kept. With ``"raise"`` or
+    ``"ignore"`` this is a no-op (``grads`` passed through).
+
+    Cost: one reduction and one ``where`` per gradient, a copy of the
+    parameters and their state, and one ``where`` per tensor to restore --
+    per-tensor ops, so on small models the launch overhead dominates. On the
+    CPU, where reading the flags costs no synchronisation, an all-finite step
+    skips all of it (only the reductions remain); a step with a non-finite
+    gradient takes the masked path.
+    """
+
+    #: On the CPU, skip the copies and masks when every flag is True (reading a
+    #: CPU tensor is not a synchronisation). Tests switch it off to run the
+    #: masked path that accelerators always take.
+    cpu_shortcut: bool = True
+
+    def __init__(self, group: dict[str, Any], params: Sequence[Tensor], grads: Sequence[Tensor],
+                 state: Any) -> None:
+        self.active = group.get("nonfinite", "ignore") == "skip" and len(params) > 0
+        self.grads: list[Tensor] = list(grads)
+        if not self.active:
+            return
+        # FSDP2: the flag is the whole matrix's (a sum all-reduced over the
+        # shards, so every rank decides alike); the masking runs on local shards
+        self.params = [local_tensor(p) for p in params]
+        self.states = [state[p] for p in params]
+        sums = [_full(g.sum()) for g in self.grads]
+        if (self.cpu_shortcut and all(x.device.type == "cpu" for x in sums)
+                and all(map(math.isfinite, torch.stack(sums).tolist()))):
+            # reading CPU values is no synchronisation: an all-finite step on the
+            # CPU needs no copy and no masking (bit-identical to the masked path)
+            self.saved = []
+            self.masked = False
+            return
+        self.masked = True
+        self.flags = _flags(sums)
+        self.grads = [torch.where(f, local_tensor(g), 0) for f, g in zip(self.flags, self.grads)]
+        # one foreach copy (x * 1 is exact) of the parameters and their state
+        # (state on another device than the flag -- CPU step counters of an
+        # accelerator parameter -- cannot be masked without a sync: not copied)
+        self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT
+                      and v.device == f.device] for st, f in zip(self.states, self.flags)]
+        flat = [t for p, st, ks in zip(self.params, self.states, self.keys)
+                for t in (p, *(local_tensor(st[k]) for k in ks))]
+        self.saved = torch._foreach_mul(flat, 1) if flat else []
+
+    def finish(self) -> None:
+        """Restore skipped parameters and their state; count the skips."""
+        if not self.active:
+            return
+        if not self.masked:
+            for p, st in zip(self.params, self.states):
+                if NONFINITE_COUNT not in st:
+                    st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
+            return
+        saved = iter(self.saved)
+        counts: list[Tensor] = []
+        for p, st, f, ks in zip(self.params, self.states, self.flags, self.keys):
+            torch.where(f, p, next(saved), out=p)
+            for k in ks:
+                old, new = next(saved), st.get(k)
+                new = local_tensor(new) if isinstance(new, Tensor) else new
+                if (isinstance(new, Tensor) and new.device == old.device
+                        and new.shape == old.shape and new.dtype == old.dtype):
+                    torch.where(f, new, old, out=new)
+            count = st.get(NONFINITE_COUNT)
+            if count is None:
+                count = st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
+            counts.append(count)
+        torch._foreach_add_(counts, [f.logical_not() for f in self.flags] if len(
+            {f.device for f in self.flags}) > 1 else list(torch.stack(self.flags).logical_not().unbind()))
+        self.saved = []
 
 
 def check_grad(p: Tensor, owner: str, group_index: int) -> Tensor:

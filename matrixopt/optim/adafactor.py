@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
 from ._distributed import gathered_params, has_dtensors
+from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 
 __all__ = [
     "Adafactor",
@@ -244,6 +244,8 @@ class Adafactor(MatrixOptimizer):
             Hugging Face; 0.999 in big_vision/optax).
         momentum_dtype: dtype of the momentum buffer (default ``None``: the
             parameter's; ``torch.bfloat16`` halves its memory).
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a
+            gradient with NaN/Inf does (see :class:`~matrixopt.optim.Muon`).
 
     The factored dims are the two largest (:func:`factored_dims`), so a conv
     weight ``[out, in, kh, kw]`` keeps statistics of sizes ``out·kh·kw`` and
@@ -272,13 +274,14 @@ class Adafactor(MatrixOptimizer):
         min_dim_size_to_factor: int = 1,
         beta2_cap: float | None = None,
         momentum_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
-            momentum_dtype=momentum_dtype,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
@@ -295,6 +298,7 @@ class Adafactor(MatrixOptimizer):
             with gathered_params(self, "Adafactor"):
                 self.step()
             return loss
+        self._raise_on_nonfinite()
         for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -316,7 +320,9 @@ class Adafactor(MatrixOptimizer):
                 dims.append(d)
             if params:
                 states = [self.state[p] for p in params]
-                adafactor_update_(params, grads, states, dims, group)
+                guard = SkipNonFinite(group, params, grads, self.state)
+                adafactor_update_(params, guard.grads, states, dims, group)
+                guard.finish()
         return loss
 
 

@@ -87,8 +87,8 @@ from ..linalg.projectors import (
 )
 from ._adamw import (_bias_corrections, adam_direction, adam_moments_, adamw_step_,
                      init_adam_state)
-from ._common import MatrixOptimizer, _GroupChecker, check_grad, closure_loss
 from ._distributed import gathered_params, has_dtensors
+from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from .adafactor import (
     adafactor_precondition_,
     adafactor_update_,
@@ -121,11 +121,12 @@ def _galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_
                      projector: str, on_refresh: str, residual: str | None,
                      residual_granularity: str, norm_growth_limit: float | None,
                      stagger: int, seed: int, matrix_view: str,
-                     proj_dtype: torch.dtype | None) -> dict[str, Any]:
+                     proj_dtype: torch.dtype | None, nonfinite: str) -> dict[str, Any]:
     return dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                 projector=projector, on_refresh=on_refresh, residual=residual,
                 residual_granularity=residual_granularity, norm_growth_limit=norm_growth_limit,
-                stagger=stagger, seed=seed, matrix_view=matrix_view, proj_dtype=proj_dtype)
+                stagger=stagger, seed=seed, matrix_view=matrix_view, proj_dtype=proj_dtype,
+                nonfinite=nonfinite)
 
 
 def _check_galore_keys(check: _GroupChecker) -> None:
@@ -242,6 +243,7 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             with gathered_params(self, type(self).__name__):
                 self.step()
             return loss
+        self._raise_on_nonfinite()
         ordinal = 0
         for index, group in enumerate(self.param_groups):
             plain_p: list[Tensor] = []
@@ -268,10 +270,16 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 items.append(item)
             if fresh:
                 self._assign_offsets(group, fresh)
+            guard = SkipNonFinite(group, plain_p + [it.p for it in items],
+                                  plain_g + [it.G for it in items], self.state)
+            plain_g = guard.grads[:len(plain_p)]
+            for it, g in zip(items, guard.grads[len(plain_p):]):
+                it.G = g
             if plain_p:
                 self._plain_step(index, group, plain_p, plain_g)
             if items:
                 self._projected_step(group, items)
+            guard.finish()
         return loss
 
     def _init_state(self, group: dict[str, Any], item: _Item, seed: int) -> None:
@@ -562,6 +570,8 @@ class GaLoreAdamW(_GaLoreBase):
             float32 on the AVX512-BF16 CPU of the benchmark) with float32 moments
             and basis; the projected gradient then carries bf16 rounding
             (relative 2^-8).
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a
+            gradient with NaN/Inf does (see :class:`~matrixopt.optim.Muon`).
 
     State of a projected parameter: ``step`` (Adam's counter), ``exp_avg``,
     ``exp_avg_sq`` (projected shape), ``projector`` (and ``projector_right`` for
@@ -591,12 +601,13 @@ class GaLoreAdamW(_GaLoreBase):
         seed: int = 0,
         matrix_view: str = "auto",
         proj_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector,
                                            on_refresh, residual, residual_granularity,
                                            norm_growth_limit, stagger, seed, matrix_view,
-                                           proj_dtype))
+                                           proj_dtype, nonfinite))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:
@@ -720,6 +731,7 @@ class GaLoreAdafactor(_GaLoreBase):
         seed: int = 0,
         matrix_view: str = "auto",
         proj_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
@@ -729,7 +741,7 @@ class GaLoreAdafactor(_GaLoreBase):
             momentum_dtype=momentum_dtype,
             **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
                                residual, residual_granularity, norm_growth_limit, stagger, seed,
-                               matrix_view, proj_dtype))
+                               matrix_view, proj_dtype, nonfinite))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:

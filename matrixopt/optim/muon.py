@@ -34,8 +34,9 @@ from torch import Tensor
 from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
 from ._adamw import adamw_step_, init_adam_state
-from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, closure_loss
 from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
+from ._common import (GroupError, MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad,
+                      closure_loss)
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
@@ -130,6 +131,13 @@ class Muon(MatrixOptimizer):
             orthogonalisation across its ranks, balanced by flops, with one
             all-gather of the updates; ``None`` (default) computes everything on
             every rank. See :mod:`matrixopt.optim._distributed`.
+        nonfinite: what a gradient with NaN/Inf does: ``"skip"`` (default: that
+            parameter and its state are left unchanged, counted in state
+            ``nonfinite_count``; masked, no host sync, see
+            :class:`~matrixopt.optim._common.SkipNonFinite`), ``"raise"``
+            (:class:`~matrixopt.optim._common.NonFiniteGradientError` naming group
+            and parameter index, before anything is updated) or ``"ignore"``
+            (torch's behaviour: NaN flows into the weights).
 
     State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
     checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
@@ -162,6 +170,7 @@ class Muon(MatrixOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         process_group: Any | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -169,7 +178,7 @@ class Muon(MatrixOptimizer):
             ns_steps=ns_steps, ns_dtype=ns_dtype, normalization=normalization,
             ns_method=ns_method, ns_backend=ns_backend, matrix_view=matrix_view, split=split,
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
-            betas=betas, eps=eps,
+            betas=betas, eps=eps, nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
         self._process_group = process_group
@@ -255,6 +264,7 @@ class Muon(MatrixOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (``closure`` re-evaluates the loss)."""
         loss = closure_loss(closure)
+        self._raise_on_nonfinite()
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group)
         return loss
@@ -283,6 +293,8 @@ class Muon(MatrixOptimizer):
                 adam_p.append(p)
                 adam_g.append(grad)
 
+        guard = SkipNonFinite(group, muon_p + adam_p, muon_g + adam_g, self.state)
+        muon_g, adam_g = guard.grads[:len(muon_p)], guard.grads[len(muon_p):]
         lr = _float(group["lr"])
         wd = float(group["weight_decay"])
         if adam_p:
@@ -296,6 +308,7 @@ class Muon(MatrixOptimizer):
             )
         if muon_p:
             self._muon_update(group, muon_p, muon_g, lr, wd)
+        guard.finish()
 
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                      lr: float, wd: float) -> None:
