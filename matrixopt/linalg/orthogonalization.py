@@ -22,6 +22,7 @@ of the :math:`k^2 l` work with :math:`k^3` work; see :func:`orthogonalize_flops`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -99,11 +100,24 @@ def _segments(steps: int, restart_every: int | None) -> list[int]:
     return [restart_every] * full + ([rest] if rest else [])
 
 
-def orthogonalize_flops(m: int, n: int, steps: int, method: str = "standard",
-                        restart_every: int | None = 2) -> int:
+def _products(step: tuple[float, ...]) -> int:
+    """k×k products :func:`_sym_poly` spends on one step's coefficients."""
+    if len(step) == 2 or (len(step) == 3 and step[2] == 0.0):
+        return 0
+    return 1 if len(step) == 3 else 2
+
+
+def orthogonalize_flops(m: int, n: int, steps: int | Sequence[tuple[float, ...]],
+                        method: str = "standard", restart_every: int | None = 2) -> int:
     r"""Flop count of :func:`orthogonalize`'s iteration (matrix products only, dense GEMMs).
 
-    With :math:`k = \min(m, n)`, :math:`l = \max(m, n)`, :math:`T` steps:
+    ``steps`` is a step count (quintic steps) or the schedule itself (a list
+    of coefficient tuples, e.g. from
+    :func:`~matrixopt.linalg.coefficients.resolve_coefficients`), whose
+    degree-7/9 steps cost one more k×k product (:math:`2k^3`) and cubic steps
+    one fewer.
+
+    With :math:`k = \min(m, n)`, :math:`l = \max(m, n)`, :math:`T` quintic steps:
 
     * standard: :math:`T\,(4k^2 l + 2k^3)`.
     * gram (Zhang, Amsel, Chen, Dao 2026): the steps are split into segments
@@ -121,15 +135,19 @@ def orthogonalize_flops(m: int, n: int, steps: int, method: str = "standard",
     """
     check_choice(method, "method", ("standard", "gram"))
     k, l = min(m, n), max(m, n)
+    if isinstance(steps, int):
+        extra, count = 0, steps
+    else:
+        extra, count = sum(2 * (_products(st) - 1) * k**3 for st in steps), len(steps)
     if method == "standard":
-        return steps * (4 * k * k * l + 2 * k**3)
-    total = 0
-    for s in _segments(steps, restart_every):
+        return count * (4 * k * k * l + 2 * k**3) + extra
+    total = extra
+    for s in _segments(count, restart_every):
         total += 4 * k * k * l + (2 if s == 1 else 8 * s - 6) * k**3
     return total
 
 
-def resolve_method(m: int, n: int, steps: int, method: str = "auto",
+def resolve_method(m: int, n: int, steps: int | Sequence[tuple[float, ...]], method: str = "auto",
                    restart_every: int | None = 2, dtype: torch.dtype | None = None) -> str:
     """``"standard"`` or ``"gram"`` for an ``m×n`` iteration of ``steps`` steps in ``dtype``.
 
@@ -314,13 +332,14 @@ def orthogonalize(
     if check_finite:
         _check_finite(G, "G")
     *batch, m, n = G.shape
-    meth = resolve_method(m, n, len(schedule), method, restart_every, work)
+    meth = resolve_method(m, n, schedule, method, restart_every, work)
     ops = _ops(resolve_backend(G, backend, work))
     if G.numel() == 0:
         return torch.zeros_like(G)
 
     right = m > n  # tall: work with the n×n Gram XᵀX and multiply from the right
     X = G.reshape(-1, m, n)
+    A2: Tensor | None = None
     if normalization == "frobenius":
         X = _frobenius_normalized(X, float(s), work)
         A = None
@@ -341,6 +360,11 @@ def orthogonalize(
             inv = _rounded(torch.where(t > 0, t.reciprocal(), torch.ones_like(t)), work)
             _scale_(X, inv)
             A = (Aacc * inv**2).to(work)
+            if len(schedule[0]) > 3 and meth == "standard":
+                # a degree-7/9 first step needs A² anyway: reuse it (saves 2k³)
+                A2 = (A2.to(inv.dtype) * inv**4).to(work)
+            else:
+                A2 = None
         else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
             rows = Aacc.abs().sum(dim=-1, keepdim=True)
             d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
@@ -349,34 +373,50 @@ def orthogonalize(
             A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":
-        X = _standard(ops, X, schedule, right, A)
+        X = _standard(ops, X, schedule, right, A, A2)
     else:
         X = _gram_ns(ops, X, schedule, right, restart_every, A)
     return X.reshape(G.shape).to(G.dtype)
 
 
-def _standard(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
-              right: bool, A: Tensor | None) -> Tensor:
-    """X ← a X + (b A + c A²) X per step (X B for tall X, with A = XᵀX)."""
-    for a, b, c in schedule:
+def _standard(ops: ModuleType, X: Tensor, schedule: list[tuple[float, ...]],
+              right: bool, A: Tensor | None, A2: Tensor | None = None) -> Tensor:
+    """X ← a X + B(A) X per step (X B for tall X, with A = XᵀX); see :func:`_sym_poly`."""
+    for a, *rest in schedule:
         if A is None:
             A = ops.gram(X, transpose=right)
-        X = ops.poly_step(X, _sym_poly(ops, A, b, c), a, right=right)
-        A = None
+        X = ops.poly_step(X, _sym_poly(ops, A, rest, A2), a, right=right)
+        A = A2 = None
     return X
 
 
-def _sym_poly(ops: ModuleType, A: Tensor, b: float, c: float) -> Tensor:
-    """b A + c A²; the cubic case (c = 0) skips the product.
+def _sym_poly(ops: ModuleType, A: Tensor, rest: list[float] | tuple[float, ...],
+              A2: Tensor | None = None) -> Tensor:
+    r"""The step's k×k factor :math:`B = \sum_{j\ge 1} c_j A^j` for ``rest`` = (c_1, ..., c_d).
 
-    Also a workaround: torch 2.13's CPU ``baddbmm`` ignores ``alpha=0`` for
-    batched bfloat16/float16 inputs (it adds A·A anyway), which made the cubic
-    Newton–Schulz preset diverge in bfloat16.
+    * d = 1 (cubic) or c_2 = 0: :math:`c_1 A`, no product. (Also a workaround:
+      torch 2.13's CPU ``baddbmm`` ignores ``alpha=0`` for batched
+      bfloat16/float16 inputs, which made the cubic preset diverge in bf16.)
+    * d = 2 (quintic): :math:`c_1 A + c_2 A^2`, one fused product.
+    * d = 3, 4 (degree 7, 9): :math:`c_1 A + c_2 A^2 + A^2 (c_3 A + c_4 A^2)`,
+      two products (:math:`A^2` and the fused last one), 4k³ flops; ``A2``
+      (:math:`A^2` if the caller already has it) saves the first.
     """
-    return ops.sym_poly(A, b, c) if c != 0.0 else (A * b).to(A.dtype)
+    if len(rest) == 1 or (len(rest) == 2 and rest[1] == 0.0):
+        return (A * rest[0]).to(A.dtype)
+    if len(rest) == 2:
+        return ops.sym_poly(A, rest[0], rest[1])
+    c1, c2, c3 = rest[0], rest[1], rest[2]
+    c4 = rest[3] if len(rest) > 3 else 0.0
+    if A2 is None:
+        A2 = A @ A
+    low = torch.add(A2 * c2, A, alpha=c1)
+    high = torch.add(A2 * c4, A, alpha=c3)
+    return torch.baddbmm(low.reshape(-1, *A.shape[-2:]), A2.reshape(-1, *A.shape[-2:]),
+                         high.reshape(-1, *A.shape[-2:])).reshape(A.shape)
 
 
-def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, float]],
+def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, ...]],
              right: bool, restart_every: int | None, R: Tensor | None) -> Tensor:
     """Gram Newton–Schulz: iterate on R = XXᵀ and Q with X_t = Q X_0 (X_0 Q if tall).
 
@@ -386,13 +426,13 @@ def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, float, floa
     """
     Q: Tensor | None = None
     T = len(schedule)
-    for t, (a, b, c) in enumerate(schedule):
+    for t, (a, *rest) in enumerate(schedule):
         if Q is not None and restart_every is not None and t % restart_every == 0:
             X = ops.poly_step(X, Q, 0.0, right=right)  # fold the factor into X
             Q, R = None, None
         if R is None:
             R = ops.gram(X, transpose=right)
-        B = _sym_poly(ops, R, b, c)
+        B = _sym_poly(ops, R, rest)
         Q = _eye_plus(B, a) if Q is None else ops.poly_step(Q, B, a, right=right)
         restart_next = restart_every is not None and (t + 1) % restart_every == 0
         if t + 1 < T and not restart_next:

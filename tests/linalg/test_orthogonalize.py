@@ -29,13 +29,15 @@ from matrixopt.linalg.orthogonalization import (
 )
 
 F64 = torch.float64
-SAFETY = {"polar_express": 1.02, "polar_express_8": 1.01, "cans": 1.02}  # REFERENCE.md / docs
+SAFETY = {"polar_express": 1.02, "polar_express_8": 1.01, "cans": 1.02,  # REFERENCE.md / docs
+          "polar_express_nonic": 1.02}
 
 
 # ------------------------------------------------------------------ helpers
 def _compose(schedule, x):
-    for a, b, c in schedule:
-        x = a * x + b * x**3 + c * x**5
+    """Apply each odd polynomial sum_j c_j x^(2j+1) in turn (any degree)."""
+    for coeffs in schedule:
+        x = sum(c * x ** (2 * j + 1) for j, c in enumerate(coeffs))
     return x
 
 
