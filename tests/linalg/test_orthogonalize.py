@@ -202,7 +202,8 @@ def _band(sched, lo: float, hi: float, points: torch.Tensor) -> tuple[float, flo
     return float(y.min()), float(y.max())
 
 
-@pytest.mark.parametrize("name", ["keller", "polar_express", "you", "cans", "polar_express_8"])
+@pytest.mark.parametrize("name", ["keller", "polar_express", "you", "cans", "polar_express_8",
+                                  "polar_express_nonic"])
 @pytest.mark.parametrize("normalization", ["frobenius", "spectral", "aol"])
 def test_bfloat16_iteration_tracks_the_composition(name, normalization):
     """bf16 iteration (fp32 in/out), well-conditioned input: every input direction
@@ -222,7 +223,9 @@ def test_bfloat16_iteration_tracks_the_composition(name, normalization):
     if name != "cans":  # see test_cans_loses_interior_directions_in_bfloat16
         assert lo - 0.05 <= float(d.min()), (lo, d)
     assert float(torch.linalg.matrix_norm(O.double(), 2).max()) <= hi + 0.05
-    assert float((d - P).abs().mean()) < 0.04
+    # the degree-9 preset's composition (degree 729) is steeper near 1, so the
+    # same bf16 rounding moves a direction further from its own P(ŝ_i)
+    assert float((d - P).abs().mean()) < (0.08 if name == "polar_express_nonic" else 0.04)
 
 
 def test_cans_loses_interior_directions_in_bfloat16():
@@ -428,6 +431,29 @@ def test_flop_formula_counts_the_products_performed(monkeypatch, shape, method, 
     assert ops.flops == orthogonalize_flops(*shape, steps, method, restart_every)
 
 
+@pytest.mark.parametrize("shape", [(4, 12), (12, 4)])
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_flop_formula_counts_degree_9_steps(monkeypatch, shape, method):
+    """Nonic steps cost one k×k product more than quintic ones; the schedule form counts it."""
+    import matrixopt.linalg.orthogonalization as orth
+
+    ops = _CountingOps()
+    monkeypatch.setattr(orth, "_ops", lambda backend: ops)
+    fused = orth._fused
+
+    def counted(C, X, Y, alpha):
+        k = C.shape[-1]
+        ops.flops += C.numel() // (k * k) * 2 * k**3
+        return fused(C, X, Y, alpha)
+
+    monkeypatch.setattr(orth, "_fused", counted)
+    sched = resolve_coefficients("polar_express_nonic", 4)  # 3 nonic steps + 1 quintic tail
+    orthogonalize(torch.randn(shape), coefficients="polar_express_nonic", steps=4, method=method)
+    assert ops.flops == orthogonalize_flops(*shape, sched, method)
+    k = min(shape)
+    assert ops.flops == orthogonalize_flops(*shape, 4, method) + 3 * 2 * k**3
+
+
 def test_flop_formula_by_hand():
     # k=2, l=8: standard 5·(4·4·8 + 2·8) = 720; gram segments [2, 2, 1]:
     # 2·(4·4·8 + 10·8) + (4·4·8 + 2·8) = 416 + 144 = 560
@@ -512,3 +538,21 @@ def test_check_finite():
     G[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         orthogonalize(G, check_finite=True)
+
+
+def test_nonic_preset_in_bfloat16_is_at_least_as_accurate_as_keller_on_wide_spectra():
+    """The 3-step degree-9 preset (spectral normalisation, bf16) against torch.optim.Muon's
+    5-step Keller schedule on σ log-uniform in [1e-3, 1]: worst |σ−1| over those
+    directions, measured against the float64 SVD of the input (the issue-#2 metric)."""
+    G = _with_spectrum((2, 48, 160), _logspace(1e-3), seed=5).float()
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+
+    def worst(O):
+        sv = torch.linalg.svdvals(O.double())
+        return float((sv - 1).abs().max()), float((_directional(U, O, Vh) - 1).abs().max())
+
+    nonic = worst(orthogonalize(G, coefficients="polar_express_nonic", normalization="spectral",
+                                dtype=torch.bfloat16))
+    keller = worst(orthogonalize(G, coefficients="keller", dtype=torch.bfloat16))
+    assert nonic[0] <= keller[0] and nonic[1] <= keller[1] + 0.02, (nonic, keller)
+    assert nonic[0] < 0.55, nonic
