@@ -446,11 +446,16 @@ def _sym_poly(ops: ModuleType, A: Tensor, a: float, rest: list[float] | tuple[fl
     d = np.polynomial.chebyshev.poly2cheb(
         lam(np.polynomial.Polynomial([lam_max / 2.0, lam_max / 2.0])).coef)
     d = [float(v) for v in d] + [0.0] * (5 - len(d))
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    tau = (A * (2.0 / lam_max)).sub_(eye)
-    T2 = _fused(-eye.expand_as(A), tau, tau, 2.0)
-    high = torch.add(T2 * (2.0 * d[4]), tau, alpha=2.0 * d[3])
-    low = torch.add(T2 * d[2], tau, alpha=d[1] - d[3]).add_(eye, alpha=d[0] - d[4])
+    # τ in [−1, 1] is formed first (rounding 2⁻⁹·|τ|); forming I − (8/L)A + (8/L²)A²
+    # from A directly would round entries of size 8/L·|A| before the cancellation.
+    tau = A.mul(2.0 / lam_max)
+    tau.diagonal(dim1=-2, dim2=-1).add_(-1.0)
+    minus_eye = torch.zeros_like(A)
+    minus_eye.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+    T2 = _fused(minus_eye, tau, tau, 2.0)
+    high = T2.mul(2.0 * d[4]).add_(tau, alpha=2.0 * d[3])
+    low = T2.mul(d[2]).add_(tau, alpha=d[1] - d[3])
+    low.diagonal(dim1=-2, dim2=-1).add_(d[0] - d[4])
     return _fused(low, T2, high, 1.0), 0.0
 
 
