@@ -35,7 +35,14 @@ name                        steps  source
                                    safety=1.02, cushion=0.02, degree=9)``);
                                    worst-case error 0.48 on [1e-3, 1] at 3
                                    Gram products instead of 5 (0.69× the flops
-                                   of 5 quintic steps on GPT-2 shapes)
+                                   of 5 quintic steps on GPT-2 shapes). In
+                                   bfloat16 it is less accurate than that on
+                                   very low-rank inputs (measured max|σ−1| 0.78
+                                   on GPT-2 gradients, Keller's 5 steps: 0.54;
+                                   log-uniform 0.61 vs 0.92, low rank + noise
+                                   0.49 vs 0.64): the first step's gain of ~14
+                                   amplifies bf16 rounding of the large
+                                   directions into the small ones
 ``"cans"``                  5      Grishina, Smirnov, Rakhuba 2025 (CANS): the
                                    greedy minimax composition for ℓ = 1e-3
                                    without cushion (their table), used with
