@@ -66,6 +66,9 @@ def make(name: str, model: nn.Module, lr: float, wd: float) -> Chain:
     if name == "matrixopt Muon (keller, matched)":
         return Chain(Muon(muon_param_groups(model), lr=lr, weight_decay=wd, betas=betas,
                           coefficients="keller", ns_steps=5, ns_method="standard"))
+    if name == "matrixopt Muon (nonic, 3 steps, spectral)":
+        return Chain(Muon(muon_param_groups(model), lr=lr, weight_decay=wd, betas=betas,
+                          coefficients="polar_express_nonic", normalization="spectral"))
     if name == "torch Muon + AdamW":
         return Chain(torch.optim.Muon(hidden, lr=lr, weight_decay=wd,
                                       adjust_lr_fn="match_rms_adamw"),
@@ -80,7 +83,8 @@ def make(name: str, model: nn.Module, lr: float, wd: float) -> Chain:
     raise ValueError(name)
 
 
-CONFIGS = ["matrixopt Muon", "matrixopt Muon (keller, matched)", "torch Muon + AdamW",
+CONFIGS = ["matrixopt Muon", "matrixopt Muon (keller, matched)",
+           "matrixopt Muon (nonic, 3 steps, spectral)", "torch Muon + AdamW",
            "heavyball Muon + AdamW", "torch AdamW"]
 
 

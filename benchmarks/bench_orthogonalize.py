@@ -93,6 +93,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "matrixopt aol, polar_express 4 steps": dict(
         coefficients=polar_express_coefficients(1e-3, 4, safety=1.02, cushion=0.02),
         normalization="aol", safety=1.02),
+    "matrixopt nonic (polar_express_nonic, spectral, 3 degree-9 steps)": dict(
+        coefficients="polar_express_nonic", normalization="spectral"),
     "matrixopt spectral, polar_express 3 steps": dict(
         coefficients=polar_express_coefficients(1e-3, 3, safety=1.02, cushion=0.02),
         normalization="spectral", safety=1.02),
@@ -207,10 +209,9 @@ def method_gflop(label: str, layers: int) -> float:
         k = min(m, n)
         if label in CONFIGS:
             kw = CONFIGS[label]
-            steps = len(resolve_coefficients(kw.get("coefficients", "polar_express"),
-                                             kw.get("steps")))
-            meth = resolve_method(m, n, steps, kw.get("method", "auto"), dtype=BF16)
-            f = orthogonalize_flops(m, n, steps, meth)
+            sched = resolve_coefficients(kw.get("coefficients", "polar_express"), kw.get("steps"))
+            meth = resolve_method(m, n, sched, kw.get("method", "auto"), dtype=BF16)
+            f = orthogonalize_flops(m, n, sched, meth)
             f += 2 * k**3 if kw.get("normalization") == "spectral" else 0
         else:
             f = orthogonalize_flops(m, n, 5, "standard")
