@@ -33,8 +33,9 @@ from torch import Tensor
 
 from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
-from ._adamw import adamw_step_, init_adam_state
+from ._adamw import adamw_step_states_, init_adam_state
 from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, closure_loss
+from ._state import check_state_dtype, init_moment, momentum_directions_
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
@@ -120,6 +121,9 @@ class Muon(MatrixOptimizer):
             whose update has the same sign as the weight (default False).
         betas: AdamW path (β1, β2) (default (0.9, 0.999), torch.optim.AdamW's).
         eps: AdamW path ε (default 1e-8).
+        state_dtype: storage of ``momentum_buffer`` and the AdamW moments:
+            ``None`` (default: the parameter's dtype), ``"fp32"``, ``"bf16"`` or
+            ``"int8"`` (block-wise 8-bit, see :mod:`matrixopt.optim._state`).
 
     State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
     checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
@@ -151,6 +155,7 @@ class Muon(MatrixOptimizer):
         cautious_wd: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -158,7 +163,7 @@ class Muon(MatrixOptimizer):
             ns_steps=ns_steps, ns_dtype=ns_dtype, normalization=normalization,
             ns_method=ns_method, ns_backend=ns_backend, matrix_view=matrix_view, split=split,
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
-            betas=betas, eps=eps,
+            betas=betas, eps=eps, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -183,6 +188,7 @@ class Muon(MatrixOptimizer):
         check.boolean("cautious_wd")
         check.betas("betas")
         check.number("eps", low=0.0)
+        check_state_dtype(check)
         try:
             resolve_coefficients(g["coefficients"], g["ns_steps"])
         except (ValueError, TypeError) as e:
@@ -246,7 +252,7 @@ class Muon(MatrixOptimizer):
             state = self.state[p]
             if self._algorithm_for(group, p) == "muon":
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    init_moment(state, "momentum_buffer", p, group["state_dtype"], signed=True)
                 if group["normuon"] and "normuon_v" not in state:
                     b, m, _ = self._view_shape(group, p)
                     state["normuon_v"] = torch.zeros(b, m, dtype=p.dtype, device=p.device)
@@ -254,7 +260,7 @@ class Muon(MatrixOptimizer):
                 muon_g.append(grad)
             else:
                 if "exp_avg" not in state:
-                    init_adam_state(state, p)
+                    init_adam_state(state, p, group["state_dtype"])
                 adam_p.append(p)
                 adam_g.append(grad)
 
@@ -262,12 +268,8 @@ class Muon(MatrixOptimizer):
         wd = float(group["weight_decay"])
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
-            adamw_step_(
-                adam_p, adam_g,
-                [self.state[p]["exp_avg"] for p in adam_p],
-                [self.state[p]["exp_avg_sq"] for p in adam_p],
-                [self.state[p]["step"] for p in adam_p],
-                lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
+            adamw_step_states_(
+                adam_p, adam_g, [self.state[p] for p in adam_p], group["state_dtype"], lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
             )
         if muon_p:
             self._muon_update(group, muon_p, muon_g, lr, wd)
@@ -275,10 +277,9 @@ class Muon(MatrixOptimizer):
     def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                      lr: float, wd: float) -> None:
         mu = float(group["momentum"])
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
-        # New tensors: the gradients are read, never written.
-        dirs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        # New tensors (or the state itself): the gradients are read, never written.
+        dirs = momentum_directions_(params, grads, [self.state[p] for p in params],
+                                    "momentum_buffer", mu, group["nesterov"], group["state_dtype"])
 
         # Bucket same-shape matrices so each bucket is one batched iteration.
         views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
