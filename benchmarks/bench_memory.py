@@ -238,6 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-loss", action="store_true", help="skip the validation-loss runs")
+    p.add_argument("--no-memory", action="store_true", help="only the validation-loss runs")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
@@ -252,6 +253,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name in args.optimizers:
+        if args.no_memory:
+            if name in LOSS_PAIRS:
+                rows[name] = {"optimizer": name, "state_MB": float("nan"), "_state": 1,
+                              "peak_step_MB": float("nan")}
+            continue
         try:
             r = peak_step(name, False, args)
             rlw = peak_step(name, True, args)
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"skipped {name}: {why}")
     for r in out:
         r.pop("_state", None)
+    if args.no_memory:
+        return out
     write_csv(out, "bench_memory")
     plot(out, args.out / "bench_memory.png")
     print(f"wrote {args.out / 'bench_memory.png'}")

@@ -10,7 +10,7 @@ import torch
 
 from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon
 from matrixopt.optim._common import GroupError
-from matrixopt.optim._quant import dequantize_blockwise, quantize_blockwise
+from matrixopt.optim._quant import dequantize_blockwise, nonfinite_blocks, quantize_blockwise
 
 
 def _params(seed=0):
@@ -173,3 +173,17 @@ def test_bf16_parameters_with_int8_state():
     assert p.dtype == q.dtype == torch.bfloat16
     assert torch.isfinite(p.float()).all() and torch.isfinite(q.float()).all()
     assert opt.state[q]["exp_avg"].dtype == torch.int8
+
+
+def test_nan_gradient_is_confined_to_its_block_of_int8_state():
+    p = torch.zeros(96, 64, requires_grad=True)
+    opt = Muon([{"params": [p], "algorithm": "adamw"}], lr=1e-3, state_dtype="int8")
+    g = torch.randn(96, 64)
+    g.view(-1)[300] = float("nan")                    # block 1 of 24
+    p.grad = g
+    opt.step()
+    st = opt.state[p]
+    assert nonfinite_blocks(st["exp_avg_absmax"]).nonzero().flatten().tolist() == [1]
+    m = dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"], True).view(-1)
+    assert torch.isnan(m[256:512]).all() and torch.isfinite(m[:256]).all() \
+        and torch.isfinite(m[512:]).all()
