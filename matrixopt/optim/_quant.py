@@ -95,13 +95,7 @@ def code_error_bound(x_normalised: Tensor, signed: bool) -> Tensor:
     return (code[hi] - code[hi - 1]) / 2
 
 
-def _blocks(x: Tensor) -> tuple[Tensor, int]:
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    pad = (-n) % BLOCK
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    return flat.view(-1, BLOCK), n
+_CHUNK = 1 << 16  # elements quantised per pass: bounds the transient float32/int64 buffers
 
 
 def quantize_blockwise(x: Tensor, signed: bool, out: tuple[Tensor, Tensor] | None = None
@@ -112,35 +106,52 @@ def quantize_blockwise(x: Tensor, signed: bool, out: tuple[Tensor, Tensor] | Non
     float32 ``[ceil(numel/256)]``, NaN for a block with a non-finite value. With
     ``out=(codes, absmax)`` the results are written into those tensors (the
     stored optimizer state) instead of new ones. The unsigned code maps
-    negative values to 0.
+    negative values to 0. Works through the tensor in chunks of 65536 entries,
+    so its temporaries stay small whatever the tensor's size.
     """
-    blocks, n = _blocks(x)
-    finite = torch.isfinite(blocks).all(dim=1)
-    absmax = blocks.abs().amax(dim=1)
-    absmax = torch.where(finite, absmax, torch.full_like(absmax, float("nan")))
-    code, mids = _tables(bool(signed), str(x.device))
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (blocks / scale.unsqueeze(1)).nan_to_num_(0.0, 0.0, 0.0)
-    idx = torch.bucketize(normed, mids)
-    q = (idx.reshape(-1)[:n] - _OFFSET).to(torch.int8).view(x.shape)
+    n = x.numel()
+    nb = -(-n // BLOCK)
     if out is None:
-        return q, absmax
-    out[0].copy_(q)
-    out[1].copy_(absmax)
-    return out
+        out = (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+               torch.empty(nb, dtype=torch.float32, device=x.device))
+    codes, absmax_out = out
+    flat_in = x.detach().reshape(-1)
+    flat_q = codes.view(-1)
+    code, mids = _tables(bool(signed), str(x.device))
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        chunk = flat_in[start:stop].float()
+        pad = (-chunk.numel()) % BLOCK
+        if pad:
+            chunk = F.pad(chunk, (0, pad))
+        blocks = chunk.view(-1, BLOCK)
+        finite = torch.isfinite(blocks).all(dim=1)
+        am = blocks.abs().amax(dim=1)
+        am = torch.where(finite, am, torch.full_like(am, float("nan")))
+        scale = torch.where(am > 0, am, torch.ones_like(am))
+        normed = (blocks / scale.unsqueeze(1)).nan_to_num_(0.0, 0.0, 0.0)
+        idx = torch.bucketize(normed, mids)
+        flat_q[start:stop].copy_(idx.view(-1)[:stop - start] - _OFFSET)
+        absmax_out[start // BLOCK:start // BLOCK + am.numel()].copy_(am)
+    return codes, absmax_out
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool,
                          dtype: torch.dtype = torch.float32) -> Tensor:
     """``absmax[block] * code[index]`` shaped like ``codes`` (a new tensor)."""
     code, _ = _tables(bool(signed), str(codes.device))
-    vals = code[codes.reshape(-1).to(torch.int64) + _OFFSET]
-    n = vals.numel()
-    pad = (-n) % BLOCK
-    if pad:
-        vals = F.pad(vals, (0, pad))
-    out = (vals.view(-1, BLOCK) * absmax.unsqueeze(1)).reshape(-1)[:n]
-    return out.view(codes.shape).to(dtype)
+    n = codes.numel()
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    flat_out, flat_q = out.view(-1), codes.reshape(-1)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        vals = code[flat_q[start:stop].to(torch.int64) + _OFFSET]
+        pad = (-vals.numel()) % BLOCK
+        if pad:
+            vals = F.pad(vals, (0, pad))
+        sc = absmax[start // BLOCK:start // BLOCK + vals.numel() // BLOCK]
+        flat_out[start:stop].copy_((vals.view(-1, BLOCK) * sc.unsqueeze(1)).view(-1)[:stop - start])
+    return out
 
 
 def nonfinite_blocks(absmax: Tensor) -> Tensor:

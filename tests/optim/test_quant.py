@@ -117,3 +117,15 @@ def test_mean_relative_error_on_gaussian_data_is_small(signed):
     # 8-bit dynamic code: the typical element keeps ~2 significant digits
     rel = ((y - x).abs() / x.abs().clamp_min(1e-3)).median()
     assert rel < 0.03
+
+
+def test_chunked_passes_equal_quantising_each_block_alone():
+    from matrixopt.optim._quant import _CHUNK
+    x = torch.randn(2 * _CHUNK + 300, generator=torch.Generator().manual_seed(3))
+    q, s = quantize_blockwise(x, True)
+    for i in (0, _CHUNK // BLOCK - 1, _CHUNK // BLOCK, 2 * _CHUNK // BLOCK):  # chunk edges
+        qb, sb = quantize_blockwise(x[i * BLOCK:(i + 1) * BLOCK], True)
+        assert torch.equal(q[i * BLOCK:(i + 1) * BLOCK], qb) and torch.equal(s[i:i + 1], sb)
+    y = dequantize_blockwise(q, s, True)
+    yb = dequantize_blockwise(q[2 * _CHUNK:], s[2 * _CHUNK // BLOCK:], True)
+    assert torch.equal(y[2 * _CHUNK:], yb)
