@@ -24,14 +24,23 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adam_moments_", "adam_direction", "adamw_step_", "init_adam_state"]
+from ._distributed import local_tensor
+from ._state import compute_dtype, init_moment, is_native, load_moment, store_moment
+
+__all__ = ["adam_moments_", "adam_direction", "adamw_step_", "init_adam_state",
+           "adamw_step_states_"]
 
 
-def init_adam_state(state: dict, like: Tensor) -> None:
-    """Create AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) shaped like ``like``."""
+def init_adam_state(state: dict, like: Tensor, state_dtype: str | None = None) -> None:
+    """Create AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) shaped like ``like``,
+    the moments stored as ``state_dtype`` says (:mod:`matrixopt.optim._state`)."""
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    if state_dtype is None:
+        state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    else:
+        init_moment(state, "exp_avg", like, state_dtype, signed=True)
+        init_moment(state, "exp_avg_sq", like, state_dtype, signed=False)
 
 
 def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float
@@ -76,3 +85,39 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
+
+
+def adamw_step_states_(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                       state_dtype: str | None, *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float) -> None:
+    """:func:`adamw_step_` on optimizer state dicts in any ``state_dtype`` format.
+
+    Moments stored natively (the parameter's dtype) are updated in place with one
+    foreach call, exactly as before. The others (bf16 / int8 / float32 moments of
+    a half parameter) are handled one parameter at a time: dequantised into
+    transient float32 tensors, stepped, written back — so at most one
+    parameter's float32 moments exist at once.
+    """
+    native = [i for i, (p, s) in enumerate(zip(params, states))
+              if is_native(s, "exp_avg", p, state_dtype)
+              and is_native(s, "exp_avg_sq", p, state_dtype)]
+    if native:
+        adamw_step_([params[i] for i in native], [grads[i] for i in native],
+                    [local_tensor(states[i]["exp_avg"]) for i in native],
+                    [local_tensor(states[i]["exp_avg_sq"]) for i in native],
+                    [states[i]["step"] for i in native],
+                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    done = set(native)
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        if i in done:
+            continue
+        dt = compute_dtype(p)
+        m = load_moment(st, "exp_avg", dt, signed=True)
+        v = load_moment(st, "exp_avg_sq", dt, signed=False)
+        w = p if p.dtype == dt else p.to(dt)
+        adamw_step_([w], [g.to(dt)], [m], [v], [st["step"]], lr=lr, beta1=beta1, beta2=beta2,
+                    eps=eps, weight_decay=weight_decay)
+        if w is not p:
+            p.copy_(w)
+        store_moment(st, "exp_avg", m, state_dtype, signed=True)
+        store_moment(st, "exp_avg_sq", v, state_dtype, signed=False)

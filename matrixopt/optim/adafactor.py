@@ -47,8 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._distributed import gathered_params, has_dtensors
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
+from ._distributed import gathered_params, has_dtensors
+from ._state import (check_state_dtype, compute_dtype, init_moment, is_native, load_moment,
+                     store_moment)
 
 __all__ = [
     "Adafactor",
@@ -92,13 +94,15 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, int] | None,
-                         beta1: float | None, momentum_dtype: torch.dtype | None) -> None:
+                         beta1: float | None, momentum_dtype: torch.dtype | None,
+                         state_dtype: str | None = None) -> None:
     """Create Adafactor state for a gradient shaped like ``like``.
 
     Keys: ``step`` (float32 CPU scalar tensor); ``exp_avg_sq_row`` (size 1 at
     ``col_dim``) and ``exp_avg_sq_col`` (size 1 at ``row_dim``) when factored,
     else ``exp_avg_sq``; ``exp_avg`` (in ``momentum_dtype``, default the
-    tensor's dtype) when ``beta1`` is set.
+    tensor's dtype; ``state_dtype``, when set, takes precedence) when ``beta1``
+    is set.
     """
     sd = stat_dtype(like.dtype)
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -112,7 +116,9 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
         state["exp_avg_sq_col"] = torch.zeros(cshape, dtype=sd, device=like.device)
     else:
         state["exp_avg_sq"] = torch.zeros(like.shape, dtype=sd, device=like.device)
-    if beta1 is not None:
+    if beta1 is not None and state_dtype is not None:
+        init_moment(state, "exp_avg", like, state_dtype, signed=True)
+    elif beta1 is not None:
         state["exp_avg"] = torch.zeros(like.shape, dtype=momentum_dtype or like.dtype,
                                        device=like.device)
 
@@ -246,6 +252,10 @@ class Adafactor(MatrixOptimizer):
             parameter's; ``torch.bfloat16`` halves its memory).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a
             gradient with NaN/Inf does (see :class:`~matrixopt.optim.Muon`).
+        state_dtype: storage of the momentum, ``None`` (default: as
+            ``momentum_dtype``), ``"fp32"``, ``"bf16"`` or ``"int8"`` (block-wise
+            8-bit, :mod:`matrixopt.optim._state`); the factored statistics are
+            already tiny and stay float32.
 
     The factored dims are the two largest (:func:`factored_dims`), so a conv
     weight ``[out, in, kh, kw]`` keeps statistics of sizes ``out·kh·kw`` and
@@ -275,13 +285,14 @@ class Adafactor(MatrixOptimizer):
         beta2_cap: float | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, nonfinite=nonfinite, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -311,7 +322,8 @@ class Adafactor(MatrixOptimizer):
                 d = factored_dims(p.shape, group["min_dim_size_to_factor"])
                 state = self.state[p]
                 if "step" not in state:
-                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"])
+                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"],
+                                         group["state_dtype"])
                 elif ("exp_avg_sq_row" in state) != (d is not None):
                     raise RuntimeError(
                         f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
@@ -350,6 +362,7 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check.integer("min_dim_size_to_factor", low=1)
     check.number("beta2_cap", low=0.0, high=1.0, high_open=True, allow_none=True)
     check.dtype("momentum_dtype")
+    check_state_dtype(check)
 
 
 def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -399,6 +412,19 @@ def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
     return scales
 
 
+def momentum_state_(state: dict[str, Any], update: Tensor, beta1: float,
+                    state_dtype: str | None) -> Tensor:
+    """EMA of ``update`` into ``state["exp_avg"]`` in its storage format (see
+    :mod:`matrixopt.optim._state`); returns the new momentum (the state tensor
+    itself when stored natively, else a transient float32 tensor)."""
+    if is_native(state, "exp_avg", state["exp_avg"], state_dtype):
+        return momentum_([state["exp_avg"]], [update], beta1)[0]
+    buf = load_moment(state, "exp_avg", compute_dtype(update), signed=True)
+    buf.lerp_(update.to(buf.dtype), 1.0 - beta1)
+    store_moment(state, "exp_avg", buf, state_dtype, signed=True)
+    return buf
+
+
 def momentum_(exp_avgs: list[Tensor], updates: list[Tensor], beta1: float) -> list[Tensor]:
     """EMA of the (already α-scaled) updates, in the buffers' dtype; returns the buffers."""
     torch._foreach_lerp_(exp_avgs, [u.to(m.dtype) for u, m in zip(updates, exp_avgs)],
@@ -431,7 +457,7 @@ def adafactor_update_(params: list[Tensor], grads: list[Tensor], states: list[di
                                  else rho)
         coef = alpha if clip is None else clip[0] * alpha
         if beta1 is not None:
-            (buf,) = momentum_([st["exp_avg"]], [u.mul_(coef)], float(beta1))
+            buf = momentum_state_(st, u.mul_(coef), float(beta1), group["state_dtype"])
             apply_update_([w], [buf.to(w.dtype)], [1.0], [alpha], wd)  # type: ignore[list-item]
         else:
             apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)  # type: ignore[list-item]

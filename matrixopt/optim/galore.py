@@ -85,10 +85,11 @@ from ..linalg.projectors import (
     projection_side,
     transport_moments,
 )
-from ._adamw import (_bias_corrections, adam_direction, adam_moments_, adamw_step_,
+from ._adamw import (_bias_corrections, adam_direction, adam_moments_, adamw_step_states_,
                      init_adam_state)
-from ._distributed import gathered_params, has_dtensors
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
+from ._distributed import gathered_params, has_dtensors
+from ._state import check_state_dtype, compute_dtype, load_moment, store_moment, zero_moment
 from .adafactor import (
     adafactor_precondition_,
     adafactor_update_,
@@ -96,6 +97,7 @@ from .adafactor import (
     clip_factors,
     factored_dims,
     init_adafactor_state,
+    momentum_state_,
     param_scale,
     step_sizes,
 )
@@ -121,8 +123,10 @@ def _galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_
                      projector: str, on_refresh: str, residual: str | None,
                      residual_granularity: str, norm_growth_limit: float | None,
                      stagger: int, seed: int, matrix_view: str,
-                     proj_dtype: torch.dtype | None, nonfinite: str) -> dict[str, Any]:
-    return dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                     proj_dtype: torch.dtype | None, nonfinite: str,
+                     state_dtype: str | None = None) -> dict[str, Any]:
+    return dict(state_dtype=state_dtype, rank=rank, update_proj_gap=update_proj_gap,
+                scale=scale, proj_type=proj_type,
                 projector=projector, on_refresh=on_refresh, residual=residual,
                 residual_granularity=residual_granularity, norm_growth_limit=norm_growth_limit,
                 stagger=stagger, seed=seed, matrix_view=matrix_view, proj_dtype=proj_dtype,
@@ -143,6 +147,7 @@ def _check_galore_keys(check: _GroupChecker) -> None:
     check.integer("seed", low=0)
     check.choice("matrix_view", _VIEWS)
     check.dtype("proj_dtype")
+    check_state_dtype(check)
 
 
 @dataclass
@@ -602,12 +607,13 @@ class GaLoreAdamW(_GaLoreBase):
         matrix_view: str = "auto",
         proj_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector,
                                            on_refresh, residual, residual_granularity,
                                            norm_growth_limit, stagger, seed, matrix_view,
-                                           proj_dtype, nonfinite))
+                                           proj_dtype, nonfinite, state_dtype))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:
@@ -621,21 +627,19 @@ class GaLoreAdamW(_GaLoreBase):
         states = [self.state[p] for p in params]
         for p, st in zip(params, states):
             if "exp_avg" not in st:
-                init_adam_state(st, p)
+                init_adam_state(st, p, group["state_dtype"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        adamw_step_(params, grads, [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+        adamw_step_states_(params, grads, states, group["state_dtype"],
                     lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]))
 
     def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
-        init_adam_state(state, like)
+        init_adam_state(state, like, group["state_dtype"])
 
     def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
                          ) -> tuple[list[Tensor], list[Any], list[Any]]:
         beta1, beta2 = (float(b) for b in group["betas"])
-        ms = [self._w(it.state["exp_avg"]) for it in items]
-        vs = [self._w(it.state["exp_avg_sq"]) for it in items]
+        ms, vs = self._load_moments(items, Rs)
         steps = [it.state["step"] for it in items]
         adam_moments_([R.to(m.dtype) for R, m in zip(Rs, ms)], ms, vs, steps, beta1, beta2)
         lr = _float(group["lr"])
@@ -643,14 +647,17 @@ class GaLoreAdamW(_GaLoreBase):
         eps = float(group["eps"])
         if group["residual"] is not None:  # the residual gain needs the true direction
             Ns = adam_direction(ms, vs, steps, beta1, beta2, eps)
-            return Ns, [lr] * len(items), [decay] * len(items)
-        # only c·N is used: m̂/(√v̂ + ε) = (√bc₂/bc₁)·m/(√v + ε√bc₂), the bias
-        # corrections go into the step multiplier (two elementwise passes fewer)
-        bc1, bc2 = _bias_corrections(steps, beta1, beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, [eps * math.sqrt(b) for b in bc2])
-        Ns = torch._foreach_div(ms, denom)
-        return Ns, [lr * math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)], [decay] * len(items)
+            cs = [lr] * len(items)
+        else:
+            # only c·N is used: m̂/(√v̂ + ε) = (√bc₂/bc₁)·m/(√v + ε√bc₂), the bias
+            # corrections go into the step multiplier (two elementwise passes fewer)
+            bc1, bc2 = _bias_corrections(steps, beta1, beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, [eps * math.sqrt(b) for b in bc2])
+            Ns = torch._foreach_div(ms, denom)
+            cs = [lr * math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]
+        self._store_moments(group, items, ms, vs)
+        return Ns, cs, [decay] * len(items)
 
     def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
         st = item.state
@@ -658,17 +665,41 @@ class GaLoreAdamW(_GaLoreBase):
         if t == 0:
             return
         beta1, beta2 = (float(b) for b in group["betas"])
-        m, v = transport_moments(self._w(st["exp_avg"]), self._w(st["exp_avg_sq"]), Q,
+        (m0,), (v0,) = self._load_moments([item], [item.G])
+        m, v = transport_moments(m0, v0, Q,
                                  item.side,  # type: ignore[arg-type]
                                  bias_correction1=1.0 - beta1 ** t,
                                  bias_correction2=1.0 - beta2 ** t)
-        st["exp_avg"].copy_(self._st(m, item))
-        st["exp_avg_sq"].copy_(self._st(v, item))
+        self._store_moments(group, [item], [m], [v])
+
+    def _load_moments(self, items: list[_Item], Rs: list[Tensor]
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+        """3-D working views of the moments: the stored tensors when native, else
+        transient float32 copies (bf16 / int8 state, see :mod:`._state`)."""
+        ms, vs = [], []
+        for it, R in zip(items, Rs):
+            st = it.state
+            t = st["exp_avg"]
+            native = "exp_avg_absmax" not in st and t.dtype not in _HALF
+            dt = t.dtype if native else compute_dtype(R)
+            ms.append(self._w(load_moment(st, "exp_avg", dt, signed=True)))
+            vs.append(self._w(load_moment(st, "exp_avg_sq", dt, signed=False)))
+        return ms, vs
+
+    def _store_moments(self, group: dict[str, Any], items: list[_Item], ms: list[Tensor],
+                       vs: list[Tensor]) -> None:
+        sd = group["state_dtype"]
+        for it, m, v in zip(items, ms, vs):
+            for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+                x = self._st(x, it)
+                if x.data_ptr() == it.state[key].data_ptr() and x.dtype == it.state[key].dtype:
+                    x = it.state[key]  # the stored tensor, updated in place
+                store_moment(it.state, key, x, sd, signed)
 
     def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
         st = item.state
-        st["exp_avg"].zero_()
-        st["exp_avg_sq"].zero_()
+        zero_moment(st, "exp_avg", signed=True)
+        zero_moment(st, "exp_avg_sq", signed=False)
         st["step"].zero_()
 
 
@@ -718,6 +749,7 @@ class GaLoreAdafactor(_GaLoreBase):
         min_dim_size_to_factor: int = 1,
         beta2_cap: float | None = None,
         momentum_dtype: torch.dtype | None = None,
+        state_dtype: str | None = None,
         rank: int | None = None,
         update_proj_gap: int = 200,
         scale: float = 0.25,
@@ -741,7 +773,7 @@ class GaLoreAdafactor(_GaLoreBase):
             momentum_dtype=momentum_dtype,
             **_galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
                                residual, residual_granularity, norm_growth_limit, stagger, seed,
-                               matrix_view, proj_dtype, nonfinite))
+                               matrix_view, proj_dtype, nonfinite, state_dtype))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:
@@ -752,7 +784,8 @@ class GaLoreAdafactor(_GaLoreBase):
         dims = [factored_dims(p.shape, group["min_dim_size_to_factor"]) for p in params]
         for p, d in zip(params, dims):
             if "step" not in self.state[p]:
-                init_adafactor_state(self.state[p], p, d, group["beta1"], group["momentum_dtype"])
+                init_adafactor_state(self.state[p], p, d, group["beta1"], group["momentum_dtype"],
+                                     group["state_dtype"])
         adafactor_update_(params, grads, [self.state[p] for p in params], dims, group)
 
     @staticmethod
@@ -762,7 +795,8 @@ class GaLoreAdafactor(_GaLoreBase):
     def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
         nd = like.ndim
         dims = (nd - 2, nd - 1) if self._factored(group, tuple(like.shape)) else None
-        init_adafactor_state(state, like, dims, group["beta1"], group["momentum_dtype"])
+        init_adafactor_state(state, like, dims, group["beta1"], group["momentum_dtype"],
+                             group["state_dtype"])
 
     def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
                          ) -> tuple[list[Tensor], list[Any], list[Any]]:
@@ -792,10 +826,9 @@ class GaLoreAdafactor(_GaLoreBase):
         if group["beta1"] is not None:
             beta1 = float(group["beta1"])
             Ns = []
-            for s, u, c in zip(sts, us, coefs):
-                buf = self._w(s["exp_avg"])
-                buf.lerp_((u * c).to(buf.dtype), 1.0 - beta1)
-                Ns.append(buf.to(u.dtype))
+            for s, u, c, it in zip(sts, us, coefs, items):
+                buf = momentum_state_(s, self._st(u * c, it), beta1, group["state_dtype"])
+                Ns.append(self._w(buf).to(u.dtype))
             return Ns, [1.0] * len(items), decays
         return us, coefs, decays
 
@@ -817,8 +850,9 @@ class GaLoreAdafactor(_GaLoreBase):
         AL = sq(QL) if QL is not None else None
         AR = sq(QR) if QR is not None else None
         if "exp_avg" in st:
-            buf = self._w(st["exp_avg"])
-            st["exp_avg"].copy_(self._st(both(buf.float(), QL, QR).to(buf.dtype), item))
+            buf = self._w(load_moment(st, "exp_avg", torch.float32, signed=True))
+            store_moment(st, "exp_avg", self._st(both(buf, QL, QR), item),
+                         group["state_dtype"], signed=True)
         if "exp_avg_sq_row" in st:
             r = self._w(st["exp_avg_sq_row"])   # [b, r1, 1]
             c = self._w(st["exp_avg_sq_col"])   # [b, 1, r2]
@@ -835,6 +869,6 @@ class GaLoreAdafactor(_GaLoreBase):
     def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
         for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
             if k in item.state:
-                item.state[k].zero_()
+                zero_moment(item.state, k, signed=True)
         item.state["step"].zero_()
 

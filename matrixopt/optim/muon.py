@@ -33,10 +33,11 @@ from torch import Tensor
 
 from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
-from ._adamw import adamw_step_, init_adam_state
-from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
+from ._adamw import adamw_step_states_, init_adam_state
 from ._common import (GroupError, MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad,
                       closure_loss)
+from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
+from ._state import check_state_dtype, init_moment, momentum_directions_
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
@@ -138,6 +139,9 @@ class Muon(MatrixOptimizer):
             (:class:`~matrixopt.optim._common.NonFiniteGradientError` naming group
             and parameter index, before anything is updated) or ``"ignore"``
             (torch's behaviour: NaN flows into the weights).
+        state_dtype: storage of ``momentum_buffer`` and the AdamW moments:
+            ``None`` (default: the parameter's dtype), ``"fp32"``, ``"bf16"`` or
+            ``"int8"`` (block-wise 8-bit, see :mod:`matrixopt.optim._state`).
 
     State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
     checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
@@ -171,6 +175,7 @@ class Muon(MatrixOptimizer):
         eps: float = 1e-8,
         process_group: Any | None = None,
         nonfinite: str = "skip",
+        state_dtype: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -178,7 +183,7 @@ class Muon(MatrixOptimizer):
             ns_steps=ns_steps, ns_dtype=ns_dtype, normalization=normalization,
             ns_method=ns_method, ns_backend=ns_backend, matrix_view=matrix_view, split=split,
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
-            betas=betas, eps=eps, nonfinite=nonfinite,
+            betas=betas, eps=eps, nonfinite=nonfinite, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         self._process_group = process_group
@@ -189,6 +194,10 @@ class Muon(MatrixOptimizer):
                 if g["normuon"]:
                     raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
                                      f"with FSDP2 (DTensor) parameters")
+                if g["state_dtype"] in ("bf16", "int8"):
+                    raise GroupError(f"Muon: param_groups[{i}]: state_dtype="
+                                     f"{g['state_dtype']!r} is not supported with FSDP2 "
+                                     f"(DTensor) parameters; use None or 'fp32'")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -217,6 +226,7 @@ class Muon(MatrixOptimizer):
         check.boolean("cautious_wd")
         check.betas("betas")
         check.number("eps", low=0.0)
+        check_state_dtype(check)
         try:
             resolve_coefficients(g["coefficients"], g["ns_steps"])
         except (ValueError, TypeError) as e:
@@ -281,7 +291,7 @@ class Muon(MatrixOptimizer):
             state = self.state[p]
             if self._algorithm_for(group, p) == "muon":
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    init_moment(state, "momentum_buffer", p, group["state_dtype"], signed=True)
                 if group["normuon"] and "normuon_v" not in state:
                     b, m, _ = self._view_shape(group, p)
                     state["normuon_v"] = torch.zeros(b, m, dtype=p.dtype, device=p.device)
@@ -289,7 +299,7 @@ class Muon(MatrixOptimizer):
                 muon_g.append(grad)
             else:
                 if "exp_avg" not in state:
-                    init_adam_state(state, p)
+                    init_adam_state(state, p, group["state_dtype"])
                 adam_p.append(p)
                 adam_g.append(grad)
 
@@ -299,11 +309,9 @@ class Muon(MatrixOptimizer):
         wd = float(group["weight_decay"])
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
-            adamw_step_(
+            adamw_step_states_(
                 [local_tensor(p) for p in adam_p], [local_tensor(g) for g in adam_g],
-                [local_tensor(self.state[p]["exp_avg"]) for p in adam_p],
-                [local_tensor(self.state[p]["exp_avg_sq"]) for p in adam_p],
-                [self.state[p]["step"] for p in adam_p],
+                [self.state[p] for p in adam_p], group["state_dtype"],
                 lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
             )
         if muon_p:
@@ -316,11 +324,11 @@ class Muon(MatrixOptimizer):
         # Views and scales from the global shapes; the math on local shards (FSDP2).
         views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
         shapes = [p.shape for p in params]
-        bufs = [local_tensor(self.state[p]["momentum_buffer"]) for p in params]
-        grads = [local_tensor(g) for g in grads]
-        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
-        # New tensors: the gradients are read, never written.
-        dirs = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        # New tensors (or the state itself): the gradients are read, never written.
+        dirs = momentum_directions_([local_tensor(p) for p in params],
+                                    [local_tensor(g) for g in grads],
+                                    [self.state[p] for p in params], "momentum_buffer", mu,
+                                    group["nesterov"], group["state_dtype"])
 
         def orth(X: Tensor) -> Tensor:
             return orthogonalize(

@@ -1,0 +1,158 @@
+r"""Storage formats of optimizer moments: the ``state_dtype`` group key.
+
+``state_dtype`` (every matrixopt optimizer):
+
+* ``None`` (default): today's behaviour, moments in the dtype of the tensor they
+  follow (the parameter, or the projected gradient for GaLore).
+* ``"fp32"``: float32 moments.
+* ``"bf16"``: bfloat16 moments (2 bytes per entry); the step computes in
+  float32 and rounds when storing.
+* ``"int8"``: block-wise 8-bit (:mod:`matrixopt.optim._quant`): under ``key``
+  an int8 code tensor shaped like the moment, under ``key + "_absmax"`` the
+  float32 per-block scales (one per 256 entries) — 1 + 4/256 bytes per entry.
+  Moments with fewer than 4096 entries stay float32. First moments use the
+  signed code, second moments the unsigned one.
+
+The format of a stored moment describes itself (an ``*_absmax`` key means
+int8; otherwise the tensor's dtype), so checkpoints written before this key
+existed, or with another ``state_dtype``, keep loading; a moment is converted
+to the group's format the next time it is stored. Quantised moments are
+dequantised only transiently inside a step (:func:`load_moment`) and written
+back with :func:`store_moment`; no float32 copy is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._distributed import local_tensor
+from ._quant import MIN_QUANT_NUMEL, dequantize_blockwise, quantize_blockwise
+
+__all__ = ["STATE_DTYPES", "check_state_dtype", "init_moment", "load_moment", "store_moment",
+           "zero_moment", "is_native", "compute_dtype"]
+
+STATE_DTYPES = (None, "fp32", "bf16", "int8")
+ABSMAX = "_absmax"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_state_dtype(check: Any) -> None:
+    """Group validation: ``state_dtype`` must be one of :data:`STATE_DTYPES`."""
+    check.choice("state_dtype", STATE_DTYPES)
+
+
+def compute_dtype(like: Tensor) -> torch.dtype:
+    """Dtype a non-native moment is computed in: float32 (or float64 for float64)."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
+def _stored_dtype(state_dtype: str | None, like: Tensor) -> torch.dtype | str:
+    if state_dtype is None:
+        return like.dtype
+    if state_dtype == "fp32":
+        return torch.float32
+    if state_dtype == "bf16":
+        return torch.bfloat16
+    if state_dtype == "int8":
+        return "int8" if like.numel() >= MIN_QUANT_NUMEL else torch.float32
+    raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}")
+
+
+def init_moment(state: dict[str, Any], key: str, like: Tensor, state_dtype: str | None,
+                signed: bool) -> None:
+    """Create a zero moment ``state[key]`` shaped like ``like`` in the group's format."""
+    fmt = _stored_dtype(state_dtype, like)
+    if fmt == "int8":
+        state[key], state[key + ABSMAX] = quantize_blockwise(
+            torch.zeros(like.shape, dtype=torch.float32, device=like.device), signed)
+    elif fmt == like.dtype:  # zeros_like keeps a DTensor (FSDP2) sharded like its parameter
+        state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    else:
+        assert isinstance(fmt, torch.dtype)
+        state[key] = torch.zeros(like.shape, dtype=fmt, device=like.device)
+
+
+def is_native(state: dict[str, Any], key: str, like: Tensor, state_dtype: str | None) -> bool:
+    """True if ``state[key]`` is a plain tensor in ``like``'s dtype and stays in that
+    format under ``state_dtype`` (so it can be updated in place)."""
+    if key + ABSMAX in state or state[key].dtype != like.dtype:
+        return False
+    return state_dtype is None or _stored_dtype(state_dtype, state[key]) == like.dtype
+
+
+def load_moment(state: dict[str, Any], key: str, dtype: torch.dtype, signed: bool) -> Tensor:
+    """The moment as a ``dtype`` tensor: the stored tensor itself if it already
+    has that dtype (in-place updates then write the state), else a transient copy
+    (dequantised for int8) to be written back with :func:`store_moment`."""
+    t = state[key]
+    if key + ABSMAX in state:
+        return dequantize_blockwise(t, state[key + ABSMAX], signed, dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def store_moment(state: dict[str, Any], key: str, work: Tensor, state_dtype: str | None,
+                 signed: bool) -> None:
+    """Write ``work`` back into ``state[key]`` in the group's format (no-op when
+    ``work`` is the stored tensor and the format is unchanged)."""
+    fmt = _stored_dtype(state_dtype, state[key]) if state_dtype is not None else None
+    quantised = key + ABSMAX in state
+    if fmt is None:  # keep whatever format the moment has
+        fmt = "int8" if quantised else state[key].dtype
+    if fmt == "int8":
+        if quantised:
+            quantize_blockwise(work, signed, out=(state[key], state[key + ABSMAX]))
+        else:
+            state[key], state[key + ABSMAX] = quantize_blockwise(work, signed)
+        return
+    if quantised:
+        del state[key + ABSMAX]
+        state[key] = work.to(fmt, copy=True)
+    elif work is not state[key]:
+        if state[key].dtype == fmt:
+            state[key].copy_(work)
+        else:
+            state[key] = work.to(fmt, copy=True)
+
+
+def zero_moment(state: dict[str, Any], key: str, signed: bool) -> None:
+    """Reset a moment to zero in its current format."""
+    if key + ABSMAX in state:
+        quantize_blockwise(torch.zeros_like(state[key], dtype=torch.float32), signed,
+                           out=(state[key], state[key + ABSMAX]))
+    else:
+        state[key].zero_()
+
+
+def momentum_directions_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                         key: str, mu: float, nesterov: bool, state_dtype: str | None
+                         ) -> list[Tensor]:
+    r"""Advance the momentum ``M ← μM + (1-μ)G`` stored under ``key`` and return the
+    directions (Nesterov: :math:`(1-μ)G + μM`, else :math:`M`), in each parameter's dtype.
+
+    Native moments use one foreach call (the direction may then be the state
+    tensor itself); the others go one parameter at a time through a transient
+    float32 copy, so at most one dequantised buffer is alive at once.
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    native = [i for i, (p, s) in enumerate(zip(params, states)) if is_native(s, key, p, state_dtype)]
+    if native:
+        bufs = [local_tensor(states[i][key]) for i in native]
+        gs = [grads[i] for i in native]
+        torch._foreach_lerp_(bufs, gs, 1.0 - mu)
+        dirs = torch._foreach_lerp(gs, bufs, mu) if nesterov else bufs
+        for i, d in zip(native, dirs):
+            out[i] = d
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        if out[i] is not None:
+            continue
+        dt = compute_dtype(p)
+        g = g.to(dt)
+        buf = load_moment(st, key, dt, signed=True)
+        buf.lerp_(g, 1.0 - mu)
+        d = torch.lerp(g, buf, mu) if nesterov else buf
+        store_moment(st, key, buf, state_dtype, signed=True)
+        out[i] = d.to(p.dtype)
+    return out  # type: ignore[return-value]
