@@ -15,8 +15,8 @@ step, ring algorithms (what each rank sends):
 The orthogonalisation phase is the local compute of the matrices a rank owns
 (:func:`lpt_assign` plan), timed on each rank while the other ranks time theirs
 ("concurrent": on this shared 2-core machine the ranks compete for the cores)
-and each share timed alone in one process, vs all matrices in one process (median of repeated runs; the machine is shared,
-use the same-run ratio).
+and each share timed alone in one process, vs all matrices in one process (median of
+repeated runs; the machine is shared, use the same-run ratio).
 
     python benchmarks/bench_distributed.py            # 2 ranks
     python benchmarks/bench_distributed.py --world 2 --d-model 128 --n-layer 4
@@ -43,8 +43,7 @@ from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
 from matrixopt.linalg.orthogonalization import orthogonalize  # noqa: E402
 from matrixopt.optim import Muon, muon_param_groups  # noqa: E402
-from matrixopt.optim._distributed import (_batched, count_bytes, lpt_assign,  # noqa: E402
-                                          matrix_cost, shard_rows)
+from matrixopt.optim._distributed import _batched, count_bytes, lpt_assign, matrix_cost, shard_rows  # noqa: E402
 
 STEPS = 3
 
@@ -134,7 +133,8 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [
         {"setup": "DDP", "AdamW B/step": r0["ddp_adamw_bytes"], "Muon B/step": r0["ddp_muon_bytes"],
          "ratio": r0["ddp_muon_bytes"] / r0["ddp_adamw_bytes"]},
-        {"setup": "FSDP2", "AdamW B/step": r0["fsdp_adamw_bytes"], "Muon B/step": r0["fsdp_muon_bytes"],
+        {"setup": "FSDP2", "AdamW B/step": r0["fsdp_adamw_bytes"],
+         "Muon B/step": r0["fsdp_muon_bytes"],
          "ratio": r0["fsdp_muon_bytes"] / r0["fsdp_adamw_bytes"]},
     ]
     print(machine_description())

@@ -76,9 +76,9 @@ def _gpu_kernels(sizes: Sequence[int], aspects: Sequence[int], dtype: torch.dtyp
     for m in sizes:
         for r in aspects:
             for name, rr, cc, flops, fn in _cases(m, m * r, dtype, "cuda"):
-                t_torch = triton.testing.do_bench(lambda: fn(ref), warmup=warmup, rep=rep)
+                t_torch = triton.testing.do_bench(lambda fn=fn: fn(ref), warmup=warmup, rep=rep)
                 fn(tops)  # autotune outside the timed region
-                t_triton = triton.testing.do_bench(lambda: fn(tops), warmup=warmup, rep=rep)
+                t_triton = triton.testing.do_bench(lambda fn=fn: fn(tops), warmup=warmup, rep=rep)
                 rows.append({
                     "kernel": name, "shape": f"{rr}x{cc}",
                     "dtype": str(dtype).removeprefix("torch."),
@@ -108,8 +108,9 @@ def _gpu_orthogonalize(n: int, steps: int, warmup: int, rep: int) -> list[dict[s
         except TypeError as e:  # no backend argument (yet)
             print(f"orthogonalize(..., backend={backend!r}) unsupported ({e}); skipping")
             continue
-        ms = triton.testing.do_bench(lambda: orthogonalize(G, steps=steps, backend=backend),
-                                     warmup=warmup, rep=rep)
+        ms = triton.testing.do_bench(
+            lambda backend=backend: orthogonalize(G, steps=steps, backend=backend),
+            warmup=warmup, rep=rep)
         rows.append({"op": f"orthogonalize {n}x{n} bf16, {steps} steps", "backend": backend,
                      "ms": ms})
     return rows

@@ -46,9 +46,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
-from benchmarks._common import machine_description, print_table, write_csv  # noqa: E402
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
+from benchmarks._common import machine_description, print_table, write_csv  # noqa: E402
 from matrixopt.optim.adafactor import Adafactor  # noqa: E402
 from matrixopt.optim.galore import GaLoreAdafactor, GaLoreAdamW  # noqa: E402
 

@@ -33,7 +33,6 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+from gpt import GPT, CharData, GPTConfig  # noqa: E402
+
 from benchmarks._common import RESULTS_DIR, machine_description, print_table, write_csv  # noqa: E402
 from benchmarks.bench_lowrank import (  # noqa: E402
     _allocation_peak,
@@ -50,8 +51,6 @@ from benchmarks.bench_lowrank import (  # noqa: E402
     lr_factor,
     state_bytes,
 )
-from gpt import GPT, CharData, GPTConfig  # noqa: E402
-
 from matrixopt.optim import (  # noqa: E402
     Adafactor,
     GaLoreAdamW,
@@ -289,7 +288,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name, base in PAIRS.items():
             if name in rows and base in rows and "val_loss" in rows[name] \
                     and "val_loss" in rows[base]:
-                rows[name]["val_vs_fp32_%"] = 100 * (rows[name]["val_loss"] / rows[base]["val_loss"] - 1)
+                rows[name]["val_vs_fp32_%"] = 100 * (
+                    rows[name]["val_loss"] / rows[base]["val_loss"] - 1)
     model = _model(args, args.d_model, 96)
     total_g, all_but_one = _grad_bytes(model)
     out = list(rows.values())

@@ -1,4 +1,5 @@
-"""Muon orthogonalisation: matrixopt.linalg.orthogonalize vs torch.optim.Muon, heavyball, pytorch-optimizer.
+"""Muon orthogonalisation: matrixopt.linalg.orthogonalize vs torch.optim.Muon, heavyball,
+pytorch-optimizer.
 
 Parameter set: a GPT-2-small block shape set, 4 layers of d = 768 --
 768×2304 (attn.c_attn), 768×768 (attn.c_proj), 768×3072 (mlp.c_fc),
@@ -14,7 +15,8 @@ Methods (each called the way its optimizer calls it):
                           run eagerly (heavyball wraps it in torch.compile with
                           mode "max-autotune-no-cudagraphs"; compiling that on this
                           CPU is not what is being compared);
-* pytorch-optimizer       ``pytorch_optimizer.optimizer.utils.matrix.zero_power_via_newton_schulz_5``
+* pytorch-optimizer       ``zero_power_via_newton_schulz_5`` from
+                          ``pytorch_optimizer.optimizer.utils.matrix``
                           on each same-shape stack (its foreach Muon path; bf16,
                           'original' = Keller's coefficients, 5 steps);
 * matrixopt ...           ``orthogonalize`` on each same-shape stack (one batched
@@ -240,7 +242,8 @@ def svd_inputs(params: Params) -> dict[tuple[int, int], tuple[torch.Tensor, ...]
     return {s: torch.linalg.svd(G.double(), full_matrices=False) for s, G in params.items()}
 
 
-def quality(svds: dict[tuple[int, int], tuple[torch.Tensor, ...]], outs: Params) -> dict[str, float]:
+def quality(svds: dict[tuple[int, int], tuple[torch.Tensor, ...]],
+            outs: Params) -> dict[str, float]:
     q_sv = q_dir = 0.0
     for s, (U, S, Vh) in svds.items():
         O = outs[s].double()
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     per_round: dict[str, list[float]] = {label: [] for label in methods}
     for r in range(args.rounds):
         for label, fn in methods.items():
-            per_round[label].append(median_time(lambda: fn(timing_input), min_run_time=min_run,
-                                                num_threads=args.threads))
+            per_round[label].append(median_time(lambda fn=fn: fn(timing_input),
+                                                min_run_time=min_run, num_threads=args.threads))
         print(f"  timing round {r + 1}/{args.rounds}: " + ", ".join(
             f"{label.split(' (')[0]} {1e3 * ts[-1]:.0f} ms" for label, ts in per_round.items()),
             flush=True)

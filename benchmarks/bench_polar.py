@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             base = None
             for name, fn in methods.items():
                 U, H = fn(A)
-                t = median_time(lambda: fn(A), min_run_time=args.min_run_time)
+                t = median_time(lambda fn=fn, A=A: fn(A), min_run_time=args.min_run_time)
                 if name == "scipy.linalg.polar":
                     base = t
                 rows.append({"shape": f"{m}x{n}", "kappa": kappa, "method": name, "time_s": t,

@@ -31,7 +31,8 @@ QUICK_ARGS = {"kernels": [], "distributed": ["--d-model", "32", "--n-layer", "1"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="+", choices=SCRIPTS + EXTRA, default=SCRIPTS)
     args = p.parse_args(argv)

@@ -147,7 +147,8 @@ def steps_to_reach(curve: list[tuple[int, float, float]], target: float) -> int 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizers", nargs="+", default=AVAILABLE, choices=AVAILABLE)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     data = CharData()
     print(f"corpus: {len(data.train) + len(data.val):,} characters, vocab {data.vocab_size}; "
-          f"GPT {args.n_layer}x{args.d_model}, {args.steps} steps of {args.batch_size}x{args.seq_len}")
+          f"GPT {args.n_layer}x{args.d_model}, "
+          f"{args.steps} steps of {args.batch_size}x{args.seq_len}")
     rows = [train(name, args, data) for name in args.optimizers]
     ref = next((r for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:

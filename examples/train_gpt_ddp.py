@@ -35,9 +35,11 @@ from matrixopt.optim import muon_param_groups  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["ddp", "fsdp"], default="ddp")
-    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw", "adafactor", "galore_adamw"])
+    p.add_argument("--optimizer", default="muon",
+                   choices=["muon", "adamw", "adafactor", "galore_adamw"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--seq-len", type=int, default=64)
@@ -46,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=Path, default=None, help="save a DCP checkpoint here at the end")
-    p.add_argument("--resume", type=Path, default=None, help="load a DCP checkpoint before training")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="save a DCP checkpoint here at the end")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="load a DCP checkpoint before training")
     return p.parse_args(argv)
 
 

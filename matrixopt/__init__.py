@@ -5,7 +5,6 @@ from .linalg import orthogonalize, polar, randomized_svd
 from .optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
 
 
-
 def _installed_version() -> str:
     """The installed distribution's version (pyproject.toml is the single source).
 

@@ -25,7 +25,8 @@ def test_readme_states_the_two_commands():
 
 def test_readme_has_one_shell_block_with_exactly_the_two_commands():
     text = README.read_text()
-    shell = re.findall(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    shell = re.findall(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text,
+                       flags=re.DOTALL | re.MULTILINE)
     assert len(shell) == 1
     commands = [line.split("#", 1)[0].strip() for line in shell[0].splitlines()]
     assert [c for c in commands if c] == ["make demo", "make test"]

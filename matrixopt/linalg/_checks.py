@@ -27,7 +27,8 @@ def check_matrix(A: object, name: str = "A", *, min_ndim: int = 2) -> Tensor:
         )
     if A.ndim < min_ndim:
         raise ValueError(
-            f"{name} must have at least {min_ndim} dimensions [..., m, n], got shape {tuple(A.shape)}"
+            f"{name} must have at least {min_ndim} dimensions [..., m, n], "
+            f"got shape {tuple(A.shape)}"
         )
     return A
 

@@ -273,8 +273,8 @@ def polar_express_coefficients(lower: float = 1e-3, steps: int = 5, safety: floa
        built for a tiny ℓ from having a huge slope that amplifies round-off);
     3. if ``safety`` :math:`s > 1` and this is not the last step, replace
        :math:`p_t(x)` by :math:`p_t(x/s)`, i.e. :math:`(a, b, c) \leftarrow
-       (a/s, b/s^3, c/s^5)` (:math:`c_j/s^{2j+1}` in general), so singular values up to :math:`s\,u` (round-off in
-       bf16) still map into range;
+       (a/s, b/s^3, c/s^5)` (:math:`c_j/s^{2j+1}` in general), so singular values
+       up to :math:`s\,u` (round-off in bf16) still map into range;
     4. :math:`\ell \leftarrow p_t(\ell)`, :math:`u \leftarrow 2 - \ell` (the
        equioscillation makes the image of :math:`[\ell, u]` symmetric about 1).
 

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_dtype, check_finite as _check_finite, check_matrix
+from ._checks import check_choice, check_dtype, check_matrix
+from ._checks import check_finite as _check_finite
 from .coefficients import preset_safety, resolve_coefficients
 
 __all__ = ["orthogonalize", "resolve_backend", "resolve_method", "orthogonalize_flops"]
@@ -74,8 +75,10 @@ def resolve_backend(G: Tensor, backend: str = "auto", dtype: torch.dtype | None 
         return "torch"
     if backend == "triton":
         try:
-            from ..kernels import is_available
-            from ..kernels import triton_ops  # noqa: F401
+            from ..kernels import (
+                is_available,
+                triton_ops,  # noqa: F401
+            )
         except ImportError as e:
             raise RuntimeError(f"backend='triton' needs triton, which failed to import: {e}") from e
         if not is_available(G.device):

@@ -62,8 +62,7 @@ import torch
 from torch import Tensor
 
 from matrixopt.kernels.reference import gram, poly_step
-from matrixopt.linalg._checks import check_choice
-from matrixopt.linalg._checks import check_matrix, check_positive_int
+from matrixopt.linalg._checks import check_choice, check_matrix, check_positive_int
 from matrixopt.linalg.svd import _compute_dtype, _prepare
 
 __all__ = ["PolarResult", "polar", "select_polar_method", "POLAR_METHODS"]

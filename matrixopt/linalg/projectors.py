@@ -47,14 +47,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from matrixopt.linalg._checks import check_choice, check_dtype
-from matrixopt.linalg._checks import check_matrix, check_positive_int
+from matrixopt.linalg._checks import check_choice, check_dtype, check_matrix, check_positive_int
 from matrixopt.linalg.svd import (
     GeneratorLike,
     _check_rank,
     _compute_dtype,
-    _prepare,
     _gaussian,
+    _prepare,
     _range_finder,
     _resolve_generator,
     _sign_convention,

@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from matrixopt.linalg._checks import check_choice, check_finite as _check_finite
-from matrixopt.linalg._checks import check_matrix, check_positive_int
+from matrixopt.linalg._checks import check_choice, check_matrix, check_positive_int
+from matrixopt.linalg._checks import check_finite as _check_finite
 
 __all__ = ["randomized_svd", "subspace_iteration", "DEFAULT_SEED"]
 
@@ -50,7 +50,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _resolve_generator(generator: GeneratorLike, device: torch.device,
                        name: str = "generator") -> torch.Generator:
-    """A ``torch.Generator`` from ``None`` (seed :data:`DEFAULT_SEED`), an int seed or a generator."""
+    """A ``torch.Generator`` from ``None`` (seed :data:`DEFAULT_SEED`), an int seed or a
+    generator."""
     if isinstance(generator, torch.Generator):
         return generator
     if generator is None:

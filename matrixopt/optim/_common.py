@@ -389,7 +389,8 @@ class SkipNonFinite:
                 count = st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
             counts.append(count)
         torch._foreach_add_(counts, [f.logical_not() for f in self.flags] if len(
-            {f.device for f in self.flags}) > 1 else list(torch.stack(self.flags).logical_not().unbind()))
+            {f.device for f in self.flags}) > 1
+            else list(torch.stack(self.flags).logical_not().unbind()))
         self.saved = []
 
 
@@ -415,7 +416,8 @@ def matrix_shape(shape: Sequence[int], view: str) -> tuple[int, int, int]:
     MoE experts). A 2-D shape is one matrix either way.
     """
     if len(shape) < 2:
-        raise ValueError(f"a matrix view needs a parameter with >= 2 dims, got shape {tuple(shape)}")
+        raise ValueError(
+            f"a matrix view needs a parameter with >= 2 dims, got shape {tuple(shape)}")
     if len(shape) == 2:
         return 1, int(shape[0]), int(shape[1])
     if view == "flatten":

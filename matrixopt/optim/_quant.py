@@ -57,7 +57,7 @@ MIN_QUANT_NUMEL = 4096
 _OFFSET = 128  # int8 storage: code index - 128
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_cpu(signed: bool) -> Tensor:
     k = 7 if signed else 8
     mags: list[float] = []
@@ -78,7 +78,7 @@ def dynamic_code(signed: bool, device: torch.device | str | None = None) -> Tens
     return c if device is None else c.to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables(signed: bool, device: str) -> tuple[Tensor, Tensor]:
     code = _code_cpu(signed).to(device)
     mids = (code[1:] + code[:-1]) / 2

@@ -137,7 +137,8 @@ def momentum_directions_(params: list[Tensor], grads: list[Tensor], states: list
     float32 copy, so at most one dequantised buffer is alive at once.
     """
     out: list[Tensor | None] = [None] * len(params)
-    native = [i for i, (p, s) in enumerate(zip(params, states)) if is_native(s, key, p, state_dtype)]
+    native = [i for i, (p, s) in enumerate(zip(params, states))
+              if is_native(s, key, p, state_dtype)]
     if native:
         bufs = [local_tensor(states[i][key]) for i in native]
         gs = [grads[i] for i in native]

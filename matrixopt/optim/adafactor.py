@@ -8,9 +8,11 @@ low-precision momentum). For a gradient :math:`G` factored over dims
 
 .. math::
     \hat\beta_{2,t} &= \min(1 - t^{c},\ \beta_{2,\max}) \qquad (c = \text{decay\_rate} = -0.8)\\
-    R_t &= \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{col}(G^2 + \epsilon_1)
+    R_t &= \hat\beta_{2,t} R_{t-1}
+        + (1-\hat\beta_{2,t})\,\operatorname{mean}_{col}(G^2 + \epsilon_1)
         \quad (m)\\
-    C_t &= \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{row}(G^2 + \epsilon_1)
+    C_t &= \hat\beta_{2,t} C_{t-1}
+        + (1-\hat\beta_{2,t})\,\operatorname{mean}_{row}(G^2 + \epsilon_1)
         \quad (n)\\
     \hat V_t &= R_t C_t^\top / \operatorname{mean}(R_t), \qquad U_t = G / \sqrt{\hat V_t}\\
     \hat U_t &= U_t / \max(1, \operatorname{RMS}(U_t)/d) \qquad (d = \text{clip\_threshold})\\
@@ -49,8 +51,14 @@ from torch import Tensor
 
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import gathered_params, has_dtensors
-from ._state import (check_state_dtype, compute_dtype, init_moment, is_native, load_moment,
-                     store_moment)
+from ._state import (
+    check_state_dtype,
+    compute_dtype,
+    init_moment,
+    is_native,
+    load_moment,
+    store_moment,
+)
 
 __all__ = [
     "Adafactor",
@@ -195,7 +203,8 @@ def clip_factors(updates: list[Tensor], threshold: float | None) -> list[Tensor]
 
 
 def param_scale(params: list[Tensor], eps2: float) -> list[Tensor]:
-    r""":math:`\max(\epsilon_2, \operatorname{RMS}(W))` per parameter, as 0-dim tensors on its device."""
+    r""":math:`\max(\epsilon_2, \operatorname{RMS}(W))` per parameter, as 0-dim tensors on its
+    device."""
     norms = torch._foreach_norm(params)
     norms = [n.to(stat_dtype(p.dtype)) for n, p in zip(norms, params)]
     torch._foreach_div_(norms, [math.sqrt(max(1, p.numel())) for p in params])
@@ -381,7 +390,8 @@ def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float],
 
 def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: list[Tensor] | list[float],
                   alphas: list[Tensor] | list[float], weight_decay: float) -> None:
-    r""":math:`W \leftarrow W(1 - \lambda\alpha) - c\,U` in place, one pass per tensor for the update.
+    r""":math:`W \leftarrow W(1 - \lambda\alpha) - c\,U` in place, one pass per tensor for the
+    update.
 
     ``coefs`` (:math:`c`) and ``alphas`` are 0-dim tensors or floats per tensor.
     """
@@ -404,7 +414,8 @@ def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: list[Tenso
 
 def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
                   ) -> list[Tensor] | list[float]:
-    r""":math:`\alpha_t = \rho_t\max(\epsilon_2, \operatorname{RMS}(W))` (tensors) or :math:`\rho_t` (floats)."""
+    r""":math:`\alpha_t = \rho_t\max(\epsilon_2, \operatorname{RMS}(W))` (tensors) or
+    :math:`\rho_t` (floats)."""
     if not group["scale_parameter"]:
         return rhos
     scales = param_scale(params, float(group["eps"][1]))

@@ -68,7 +68,6 @@ more than it saves outside the refresh.
 from __future__ import annotations
 
 import abc
-
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -85,8 +84,13 @@ from ..linalg.projectors import (
     projection_side,
     transport_moments,
 )
-from ._adamw import (_bias_corrections, adam_direction, adam_moments_, adamw_step_states_,
-                     init_adam_state)
+from ._adamw import (
+    _bias_corrections,
+    adam_direction,
+    adam_moments_,
+    adamw_step_states_,
+    init_adam_state,
+)
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import gathered_params, has_dtensors
 from ._state import check_state_dtype, compute_dtype, load_moment, store_moment, zero_moment
@@ -380,7 +384,7 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             for i, it in enumerate(items):
                 key = (it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device, old[i] is not None)
                 buckets.setdefault(key, []).append(i)
-            for (m, n, _, rank, _, _, warm), idx in buckets.items():
+            for (_m, _n, _, rank, _, _, warm), idx in buckets.items():
                 first = items[idx[0]]
                 G = torch.cat([items[i].G for i in idx], dim=0) if len(idx) > 1 else first.G
                 seed = (int(first.state["seed"]) * _SEED_STRIDE
@@ -411,7 +415,8 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 self._inner_reset(group, it)
             else:
                 if it.side == "both":
-                    Q: Any = (basis_overlap(nb[0], o[0], "left"), basis_overlap(nb[1], o[1], "right"))
+                    Q: Any = (basis_overlap(nb[0], o[0], "left"),
+                              basis_overlap(nb[1], o[1], "right"))
                 else:
                     Q = basis_overlap(nb[0], o[0], it.side)  # type: ignore[arg-type]
                 self._inner_transport(group, it, Q)

@@ -137,7 +137,7 @@ class LayerwiseStepper:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "LayerwiseStepper":
+    def __enter__(self) -> LayerwiseStepper:
         return self
 
     def __exit__(self, *exc: Any) -> None:

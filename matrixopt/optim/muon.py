@@ -34,8 +34,14 @@ from torch import Tensor
 from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
 from ._adamw import adamw_step_states_, init_adam_state
-from ._common import (GroupError, MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad,
-                      closure_loss)
+from ._common import (
+    GroupError,
+    MatrixOptimizer,
+    SkipNonFinite,
+    _GroupChecker,
+    check_grad,
+    closure_loss,
+)
 from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
 from ._state import check_state_dtype, init_moment, momentum_directions_
 
@@ -352,7 +358,8 @@ class Muon(MatrixOptimizer):
         for i, p in enumerate(params):
             O = ortho[i]
             if group["normuon"]:
-                O = self._normuon(group, self.state[state_keys[i]]["normuon_v"], O.reshape(views[i]))
+                O = self._normuon(group, self.state[state_keys[i]]["normuon_v"],
+                                  O.reshape(views[i]))
             _, m, n = views[i]
             updates.append(O.reshape(p.shape).mul(lr * muon_update_scale(m, n, group["adjust_lr"])))
 
@@ -372,5 +379,6 @@ class Muon(MatrixOptimizer):
         v.lerp_(Of.square().mean(dim=-1).to(v.dtype), 1.0 - beta2)
         normed = Of / (v.float().unsqueeze(-1).sqrt() + 1e-8)
         # keep each matrix's Frobenius norm: NorMuon changes the direction only
-        ratio = Of.norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+        ratio = (Of.norm(dim=(-2, -1), keepdim=True)
+                 / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
         return (normed * ratio).to(O.dtype)

@@ -125,7 +125,7 @@ def muon_param_groups(
     norm_params: set[int] = set()
     conv_weights: set[int] = set()
     fused_qkv: set[int] = set()
-    for mname, mod in model.named_modules():
+    for _mname, mod in model.named_modules():
         if isinstance(mod, _EMBED_TYPES):
             embed_weights.add(id(mod.weight))
             vocab_sizes.add(mod.num_embeddings)
@@ -162,20 +162,23 @@ def muon_param_groups(
                                  f"{tuple(p.shape)}; Muon needs >= 2 dims")
             put(name, p, "muon_flatten" if pid in conv_weights else "muon", "explicit muon")
         elif pid in embed_weights:
-            put(name, p, "adamw", "embedding" + (" (tied with head)" if pid in head_weights else ""))
+            put(name, p, "adamw",
+                "embedding" + (" (tied with head)" if pid in head_weights else ""))
         elif pid in head_weights:
             put(name, p, "adamw", "output head")
         elif pid in norm_params:
             put(name, p, "adamw_no_decay", "normalisation layer")
         elif p.ndim < 2:
-            put(name, p, "adamw_no_decay", "bias" if name.endswith("bias") else f"{p.ndim}-D parameter")
+            put(name, p, "adamw_no_decay",
+                "bias" if name.endswith("bias") else f"{p.ndim}-D parameter")
         elif pid in conv_weights:
             put(name, p, "muon_flatten", "convolution (flattened to out x in*k)")
         elif pid in fused_qkv:
             put(name, p, "muon_qkv" if split_fused_qkv else "muon",
                 "fused QKV" + (", split in 3" if split_fused_qkv else ""))
         else:
-            put(name, p, "muon", "hidden matrix" if p.ndim == 2 else f"{p.ndim}-D stack of matrices")
+            put(name, p, "muon",
+                "hidden matrix" if p.ndim == 2 else f"{p.ndim}-D stack of matrices")
 
     groups: list[dict[str, Any]] = []
     specs: dict[str, dict[str, Any]] = {

@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from _harness import all_jobs, launch
 
 

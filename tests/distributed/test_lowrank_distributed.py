@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from _harness import STEPS, full_params, make_model, train_step
 
 from matrixopt import Adafactor, GaLoreAdamW
-
-from _harness import STEPS, full_params, make_model, train_step
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from _harness import STEPS, full_params, make_model, train_step
 
 from matrixopt import Muon
 from matrixopt.optim._distributed import count_bytes, lpt_assign, matrix_cost, shard_rows
-
-from _harness import STEPS, full_params, make_model, train_step
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -41,7 +40,8 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     out = {}
     w = torch.zeros(4, 3)
     cases = {
-        "replicate": lambda: [distribute_tensor(w, init_device_mesh("cpu", (world,)), [Replicate()])],
+        "replicate": lambda: [
+            distribute_tensor(w, init_device_mesh("cpu", (world,)), [Replicate()])],
         "shard1": lambda: [distribute_tensor(w, init_device_mesh("cpu", (world,)), [Shard(1)])],
         "mesh2d": lambda: [distribute_tensor(w, init_device_mesh("cpu", (world, 1)),
                                              [Shard(0), Replicate()])],
@@ -74,8 +74,11 @@ def _errors(rank: int, world: int) -> dict[str, str]:
 
 def _job(rank: int, world: int, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                         get_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 

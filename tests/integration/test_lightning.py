@@ -8,7 +8,7 @@ from torch import nn
 
 L = pytest.importorskip("lightning.pytorch", reason="needs lightning (the test extra)")
 
-from matrixopt.optim import (
+from matrixopt.optim import (  # noqa: E402
     Adafactor,
     GaLoreAdafactor,
     GaLoreAdamW,

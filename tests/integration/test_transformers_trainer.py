@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the test extra)")
 
-from transformers import (
+from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
@@ -26,7 +26,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from matrixopt.optim import GaLoreAdamW, Muon, muon_param_groups
+from matrixopt.optim import GaLoreAdamW, Muon, muon_param_groups  # noqa: E402
 
 VOCAB, SEQ, MAX_STEPS, SAVE_AT = 64, 16, 4, 2
 

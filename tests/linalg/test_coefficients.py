@@ -209,7 +209,8 @@ def test_resolve_preset_default_length_and_tail():
     assert pe[:5] == list(PRESETS["polar_express"].coefficients)
     assert pe[5:] == [NEWTON_SCHULZ, NEWTON_SCHULZ]
     assert resolve_coefficients("you", 6)[-1] == (2.8366, -3.0525, 1.2012)
-    assert resolve_coefficients("polar_express", 3) == list(PRESETS["polar_express"].coefficients[:3])
+    assert (resolve_coefficients("polar_express", 3)
+            == list(PRESETS["polar_express"].coefficients[:3]))
 
 
 def test_resolve_tuple_and_list():
@@ -249,7 +250,8 @@ def test_preset_safety():
 
 
 # ------------------------------------------------------ degree-7/9 generator
-def _lp_minimax_odd(lo: float, hi: float, degree: int, npts: int = 3000) -> tuple[np.ndarray, float]:
+def _lp_minimax_odd(lo: float, hi: float, degree: int,
+                    npts: int = 3000) -> tuple[np.ndarray, float]:
     """min E s.t. |1 - sum_j c_j x^(2j+1)| <= E on a grid (any odd degree), by LP."""
     x = np.concatenate([np.geomspace(lo, hi, npts), np.linspace(lo, hi, npts)])
     V = np.stack([x ** (2 * j + 1) for j in range((degree + 1) // 2)], axis=1)

@@ -76,7 +76,8 @@ def _with_spectrum(shape, sigmas_fn, seed: int = 0, dtype=F64) -> torch.Tensor:
 
 
 def _logspace(lo: float):
-    return lambda k: torch.logspace(0, math.log10(lo), k, dtype=F64) if k > 1 else torch.ones(1, dtype=F64)
+    return lambda k: (torch.logspace(0, math.log10(lo), k, dtype=F64) if k > 1
+                      else torch.ones(1, dtype=F64))
 
 
 def _directional(U, O, Vh):

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 import matrixopt.linalg.polar_decomposition as polar_mod
 from matrixopt.linalg._reference import polar_reference
-from matrixopt.linalg.polar_decomposition import PolarResult, _scaled_cubic, polar, select_polar_method
+from matrixopt.linalg.polar_decomposition import (
+    PolarResult,
+    _scaled_cubic,
+    polar,
+    select_polar_method,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

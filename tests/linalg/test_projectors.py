@@ -174,7 +174,7 @@ def test_warm_tracks_a_drifting_gradient():
         return torch.linalg.qr(Q + 0.3 * (Z - Q @ (Q.mT @ Z)) / math.sqrt(Q.shape[0])).Q
 
     P = None
-    for t in range(8):
+    for _ in range(8):
         U, V = rotate(U), rotate(V)
         G = (U * s) @ V.mT + 1e-4 * torch.randn(m, n, generator=g, dtype=F64)
         P = lowrank_basis(G, r, method="warm", previous=P)

@@ -46,7 +46,8 @@ def _run(opt_cls, params, grad_seq, **kw):
 ])
 def test_matches_torch_adafactor(ours, theirs):
     shapes = [(6, 5), (7,), (2, 8, 6), (1, 9)]
-    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i))
+              for i, s in enumerate(shapes)]
     params.append(torch.zeros(4, 3))  # RMS(W) = 0 -> the eps2 floor
     shapes.append((4, 3))
     seq = _grads(shapes, 12, seed=3)
@@ -88,7 +89,8 @@ def _reference(params, grad_seq, dims, *, lr=None, eps=(1e-30, 1e-3), clip=1.0, 
             rho = lr
         for i, (w, g) in enumerate(zip(W, gs)):
             g = g.double()
-            alpha = rho * (max(eps[1], math.sqrt(float((w * w).mean()))) if scale_parameter else 1.0)
+            alpha = rho * (max(eps[1], math.sqrt(float((w * w).mean())))
+                           if scale_parameter else 1.0)
             if dims[i] is None:
                 V[i] = beta2 * V[i] + (1 - beta2) * (g * g + eps[0])
                 u = g / V[i].sqrt()
@@ -96,8 +98,10 @@ def _reference(params, grad_seq, dims, *, lr=None, eps=(1e-30, 1e-3), clip=1.0, 
                 x = g.movedim(dims[i], (-2, -1))
                 sq = x * x + eps[0]
                 r_new, c_new = sq.mean(-1), sq.mean(-2)
-                R[i] = r_new if R[i] is None and beta2 == 0 else beta2 * (0 if R[i] is None else R[i]) + (1 - beta2) * r_new
-                C[i] = c_new if C[i] is None and beta2 == 0 else beta2 * (0 if C[i] is None else C[i]) + (1 - beta2) * c_new
+                R[i] = (r_new if R[i] is None and beta2 == 0
+                        else beta2 * (0 if R[i] is None else R[i]) + (1 - beta2) * r_new)
+                C[i] = (c_new if C[i] is None and beta2 == 0
+                        else beta2 * (0 if C[i] is None else C[i]) + (1 - beta2) * c_new)
                 vhat = R[i][..., :, None] * C[i][..., None, :] / R[i].mean(-1)[..., None, None]
                 u = (x / vhat.sqrt()).movedim((-2, -1), dims[i])
             if clip is not None:
@@ -190,7 +194,8 @@ def test_bf16_momentum_and_bf16_params():
     assert half[0].dtype == torch.float32
     for x, y in zip(half, full):
         torch.testing.assert_close(x, y, rtol=0, atol=2e-3)  # bf16 rounding of the momentum only
-    bp, bopt = _run(Adafactor, [p.bfloat16() for p in params], [[g.bfloat16() for g in gs] for gs in seq], **kw)
+    bp, bopt = _run(Adafactor, [p.bfloat16() for p in params],
+                    [[g.bfloat16() for g in gs] for gs in seq], **kw)
     assert bp[0].dtype == torch.bfloat16
     assert bopt.state[bp[0]]["exp_avg_sq_row"].dtype == torch.float32
     for x, y in zip(bp, full):

@@ -311,7 +311,8 @@ def test_grad_is_not_modified_and_params_without_grad_are_untouched():
 # ---------------------------------------------------------------------------
 def _model_params(seed=4):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen) for s in ((10, 6), (10, 6), (6, 2, 2, 2), (3, 5, 7), (6,))]
+    return [torch.randn(s, generator=gen)
+            for s in ((10, 6), (10, 6), (6, 2, 2, 2), (3, 5, 7), (6,))]
 
 
 def _grad_seq(steps, seed=5):
