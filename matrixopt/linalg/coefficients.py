@@ -68,6 +68,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeGuard
 
 import numpy as np
 
@@ -414,7 +415,7 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _is_poly(value: object) -> bool:
+def _is_poly(value: object) -> TypeGuard[Sequence[float]]:
     """A flat sequence of 3..5 reals, i.e. one odd polynomial (c_0, ..., c_d), d >= 2."""
     return (isinstance(value, Sequence) and not isinstance(value, (str, bytes))
             and 3 <= len(value) <= (MAX_DEGREE + 1) // 2 and all(_is_real(v) for v in value))
@@ -422,11 +423,11 @@ def _is_poly(value: object) -> bool:
 
 def _as_triple(value: object, where: str) -> Coefficients:
     """One step's coefficients: ``(a, b, c)``, or ``(c_0, ..., c_d)`` with 2 ≤ d ≤ 4."""
-    if not _is_poly(value) or not all(math.isfinite(v) for v in value):  # type: ignore[union-attr]
+    if not _is_poly(value) or not all(math.isfinite(v) for v in value):
         raise ValueError(f"{where} must be an (a, b, c) triple of finite floats (or, for "
                          f"degree 7 or {MAX_DEGREE}, 4 or 5 odd-power coefficients "
                          f"(c_0, ..., c_d)), got {value!r}")
-    return tuple(float(v) for v in value)  # type: ignore[union-attr]
+    return tuple(float(v) for v in value)
 
 
 def resolve_coefficients(coefficients: str | Coefficients | Sequence[Coefficients],

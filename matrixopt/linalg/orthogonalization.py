@@ -33,6 +33,7 @@ import functools
 import math
 from collections.abc import Sequence
 from types import ModuleType
+from typing import cast
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_dtype, check_matrix
 from ._checks import check_finite as _check_finite
-from .coefficients import preset_safety, resolve_coefficients
+from .coefficients import Coefficients, preset_safety, resolve_coefficients
 
 __all__ = ["orthogonalize", "resolve_backend", "resolve_method", "orthogonalize_flops"]
 
@@ -245,7 +246,7 @@ def orthogonalize(
     G: Tensor,
     *,
     steps: int | None = None,
-    coefficients: object = "polar_express",
+    coefficients: str | Coefficients | Sequence[Coefficients] = "polar_express",
     normalization: str = "frobenius",
     dtype: torch.dtype | None = None,
     method: str = "auto",
@@ -408,11 +409,11 @@ def _lambda_bounds(schedule: tuple[tuple[float, ...], ...]) -> tuple[float, ...]
     (maximum on a fine grid, float64). Used to map λ to [−1, 1] for the
     Chebyshev evaluation of degree-7/9 steps.
     """
-    x = np.linspace(0.0, 1.0, 4001)
+    x: np.ndarray = np.linspace(0.0, 1.0, 4001)
     out = []
     for coeffs in schedule:
         out.append(1.1 * float(np.max(np.abs(x))) ** 2)
-        x = sum(c * x ** (2 * j + 1) for j, c in enumerate(coeffs))
+        x = cast(np.ndarray, sum(c * x ** (2 * j + 1) for j, c in enumerate(coeffs)))
     return tuple(out)
 
 
@@ -446,9 +447,9 @@ def _sym_poly(ops: ModuleType, A: Tensor, a: float, rest: list[float] | tuple[fl
     if len(rest) == 2:
         return ops.sym_poly(A, rest[0], rest[1]), a
     lam = np.polynomial.Polynomial([a, *rest])
-    d = np.polynomial.chebyshev.poly2cheb(
+    cheb = np.polynomial.chebyshev.poly2cheb(
         lam(np.polynomial.Polynomial([lam_max / 2.0, lam_max / 2.0])).coef)
-    d = [float(v) for v in d] + [0.0] * (5 - len(d))
+    d = [float(v) for v in cheb] + [0.0] * (5 - len(cheb))
     # τ in [−1, 1] is formed first (rounding 2⁻⁹·|τ|); forming I − (8/L)A + (8/L²)A²
     # from A directly would round entries of size 8/L·|A| before the cancellation.
     tau = A.mul(2.0 / lam_max)

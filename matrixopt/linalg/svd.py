@@ -289,7 +289,7 @@ def subspace_iteration(A: Tensor, Q0: Tensor, n_iter: int = 1, *,
             f"Q0 must have shape [..., {m}, r] ({want}) for side={side!r} and A of shape "
             f"{tuple(A.shape)}, got {tuple(Q0.shape)}"
         )
-    _check_rank(Q0.shape[-1], *A.shape[-2:], name="Q0.shape[-1] (the rank r)")
+    _check_rank(Q0.shape[-1], A.shape[-2], A.shape[-1], name="Q0.shape[-1] (the rank r)")
     if check_finite:
         _check_finite(Q0, "Q0")
     cdt = _compute_dtype(torch.promote_types(A.dtype, Q0.dtype))

@@ -68,7 +68,7 @@ def adam_direction(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: lis
     torch._foreach_add_(denom, eps)
     out = torch._foreach_div(exp_avgs, denom)
     torch._foreach_div_(out, bc1)
-    return out
+    return list(out)  # torch._foreach_* return tuples
 
 
 def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

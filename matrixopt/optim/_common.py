@@ -350,7 +350,7 @@ class SkipNonFinite:
                 and all(map(math.isfinite, torch.stack(sums).tolist()))):
             # reading CPU values is no synchronisation: an all-finite step on the
             # CPU needs no copy and no masking (bit-identical to the masked path)
-            self.saved = []
+            self.saved: Sequence[Tensor] = []
             self.masked = False
             return
         self.masked = True

@@ -41,11 +41,14 @@ import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes"]
@@ -73,7 +76,7 @@ def _record(kind: str, nbytes: int) -> None:
         c[kind] += nbytes
 
 
-def _is_dtensor(t: Tensor) -> bool:
+def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
 
@@ -126,7 +129,7 @@ class DistContext:
     rank: int
 
 
-def _describe_mesh(p: Tensor) -> str:
+def _describe_mesh(p: DTensor) -> str:
     return f"mesh {p.device_mesh} with placements {tuple(p.placements)}"
 
 
@@ -357,14 +360,14 @@ def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
     computed on shards.
     """
     resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
-    swaps: list[tuple[dict[str, Any], int, Tensor, Tensor]] = []
+    swaps: list[tuple[dict[str, Any], int, DTensor, Tensor]] = []
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
             if not _is_dtensor(p):
                 continue
             whole = p.full_tensor()
             if p.grad is not None:
-                whole.grad = p.grad.full_tensor()
+                whole.grad = p.grad.full_tensor()  # type: ignore[attr-defined]  # a DTensor's grad
             if p in opt.state:
                 opt.state[whole] = opt.state.pop(p)
             group["params"][i] = whole

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -205,8 +205,7 @@ def clip_factors(updates: list[Tensor], threshold: float | None) -> list[Tensor]
 def param_scale(params: list[Tensor], eps2: float) -> list[Tensor]:
     r""":math:`\max(\epsilon_2, \operatorname{RMS}(W))` per parameter, as 0-dim tensors on its
     device."""
-    norms = torch._foreach_norm(params)
-    norms = [n.to(stat_dtype(p.dtype)) for n, p in zip(norms, params)]
+    norms = [n.to(stat_dtype(p.dtype)) for n, p in zip(torch._foreach_norm(params), params)]
     torch._foreach_div_(norms, [math.sqrt(max(1, p.numel())) for p in params])
     torch._foreach_clamp_min_(norms, eps2)
     return list(norms)
@@ -388,28 +387,30 @@ def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float],
     return beta2s, rhos
 
 
-def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: list[Tensor] | list[float],
-                  alphas: list[Tensor] | list[float], weight_decay: float) -> None:
+def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: Sequence[Tensor | float],
+                  alphas: Sequence[Tensor | float], weight_decay: float) -> None:
     r""":math:`W \leftarrow W(1 - \lambda\alpha) - c\,U` in place, one pass per tensor for the
     update.
 
-    ``coefs`` (:math:`c`) and ``alphas`` are 0-dim tensors or floats per tensor.
+    ``coefs`` (:math:`c`) and ``alphas`` are 0-dim tensors or floats per tensor (each list
+    all tensors or all floats).
     """
     if weight_decay != 0.0:
         if isinstance(alphas[0], Tensor):
-            factors = torch._foreach_mul(alphas, -weight_decay)  # type: ignore[arg-type]
+            factors = torch._foreach_mul(cast("list[Tensor]", alphas), -weight_decay)
             torch._foreach_add_(factors, 1.0)
             torch._foreach_mul_(params, [f.to(p.dtype) for f, p in zip(factors, params)])
         else:
-            torch._foreach_mul_(params, [1.0 - weight_decay * a for a in alphas])  # type: ignore[operator]
+            torch._foreach_mul_(params, [1.0 - weight_decay * a
+                                         for a in cast("list[float]", alphas)])
     if isinstance(coefs[0], Tensor):
-        for p, u, c in zip(params, updates, coefs):
-            p.addcmul_(u, c.to(p.dtype), value=-1.0)  # type: ignore[union-attr]
+        for p, u, c in zip(params, updates, cast("list[Tensor]", coefs)):
+            p.addcmul_(u, c.to(p.dtype), value=-1.0)
     elif all(c == 1.0 for c in coefs):
         torch._foreach_sub_(params, updates)
     else:
-        for p, u, c in zip(params, updates, coefs):
-            p.add_(u, alpha=-c)  # type: ignore[operator]
+        for p, u, cf in zip(params, updates, cast("list[float]", coefs)):
+            p.add_(u, alpha=-cf)
 
 
 def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
@@ -469,8 +470,8 @@ def adafactor_update_(params: list[Tensor], grads: list[Tensor], states: list[di
         coef = alpha if clip is None else clip[0] * alpha
         if beta1 is not None:
             buf = momentum_state_(st, u.mul_(coef), float(beta1), group["state_dtype"])
-            apply_update_([w], [buf.to(w.dtype)], [1.0], [alpha], wd)  # type: ignore[list-item]
+            apply_update_([w], [buf.to(w.dtype)], [1.0], [alpha], wd)
         else:
-            apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)  # type: ignore[list-item]
+            apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)
         if low:
             p.copy_(w)

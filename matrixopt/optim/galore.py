@@ -659,7 +659,7 @@ class GaLoreAdamW(_GaLoreBase):
             bc1, bc2 = _bias_corrections(steps, beta1, beta2)
             denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, [eps * math.sqrt(b) for b in bc2])
-            Ns = torch._foreach_div(ms, denom)
+            Ns = list(torch._foreach_div(ms, denom))
             cs = [lr * math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]
         self._store_moments(group, items, ms, vs)
         return Ns, cs, [decay] * len(items)

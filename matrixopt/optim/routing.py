@@ -113,8 +113,8 @@ def muon_param_groups(
         :class:`ParamGroups`, a list of groups to pass to :class:`~matrixopt.optim.Muon`
         (each group has a ``"name"``) with ``.report`` explaining each decision.
     """
-    force_adamw = set()
-    force_muon = set()
+    force_adamw: set[str | int] = set()
+    force_muon: set[str | int] = set()
     for target, items in ((force_adamw, adamw), (force_muon, muon)):
         for it in items:
             target.add(it if isinstance(it, str) else id(it))
