@@ -46,6 +46,8 @@ demo: $(VENV)/.examples
 	$(BIN)/python examples/train_gpt.py
 
 test: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/mypy matrixopt
 	$(BIN)/python -m pytest -n 2 tests
 
 bench: $(VENV)/.bench
