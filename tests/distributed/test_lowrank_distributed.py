@@ -1,14 +1,17 @@
-"""Adafactor and GaLoreAdamW under DDP and FSDP2 (whole-matrix fallback) on 2 gloo
-processes vs a single process; DCP checkpoints resumed at world size 2 and 1."""
+"""Adafactor (sharded statistics) and GaLoreAdamW (whole-matrix fallback) under DDP and
+FSDP2 on 2 gloo processes vs a single process; DCP checkpoints resumed at world size 2 and 1."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from _harness import STEPS, full_params, make_model, train_step
+from torch.distributed.tensor import DTensor
 
 from matrixopt import Adafactor, GaLoreAdamW
 
@@ -30,6 +33,27 @@ def make_opt(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return GaLoreAdamW(model.parameters(), lr=0.01, rank=2, update_proj_gap=2, stagger=1)
 
 
+@contextlib.contextmanager
+def _no_whole_gather(active: bool) -> Iterator[None]:
+    """Fail if the optimizer gathers a whole (non-scalar) DTensor: the sharded path must
+    not fall back to ``gathered_params`` (the non-finite check gathers 0-dim sums only)."""
+    if not active:
+        yield
+        return
+    orig = DTensor.full_tensor
+
+    def guarded(self: DTensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.numel() > 1:
+            raise AssertionError(f"whole-tensor all-gather of shape {tuple(self.shape)}")
+        return orig(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    DTensor.full_tensor = guarded  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DTensor.full_tensor = orig  # type: ignore[method-assign]
+
+
 def _job(rank: int, world: int, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -46,9 +70,13 @@ def _job(rank: int, world: int, out: Path) -> None:
         model = make_model()
         fully_shard(model)
         opt = make_opt(name, model)
-        res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        with _no_whole_gather(name == "adafactor"):
+            res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
         res[name, "fsdp_params"] = full_params(model)
         res[name, "fsdp_keys"] = [sorted(opt.state[p]) for p in model.parameters()]
+        res[name, "fsdp_placements"] = [
+            {k: str(tuple(v.placements)) if isinstance(v, DTensor) else "plain"
+             for k, v in opt.state[p].items()} for p in model.parameters()]
 
         model = make_model()
         fully_shard(model)
@@ -95,6 +123,23 @@ def test_equals_single_process(results: tuple[dict, Path], name: str, mode: str)
         torch.testing.assert_close(res[name, f"{mode}_params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
     if mode == "fsdp":
         assert res[name, "fsdp_keys"] == keys
+
+
+def test_adafactor_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
+    """Adafactor under FSDP2 keeps its state as DTensors: row statistics, momentum and
+    unfactored second moments sharded like the parameter; column statistics (which sum
+    over the sharded rows) replicated."""
+    res, _ = results
+    shard, rep = "(Shard(dim=0),)", "(Replicate(),)"
+    model = make_model()
+    for p, placements in zip(model.parameters(), res["adafactor", "fsdp_placements"]):
+        assert placements["step"] == "plain"
+        assert placements["exp_avg"] == shard
+        if p.dim() == 2:
+            assert placements["exp_avg_sq_row"] == shard
+            assert placements["exp_avg_sq_col"] == rep
+        else:
+            assert placements["exp_avg_sq"] == shard
 
 
 @pytest.mark.parametrize("name", NAMES)
