@@ -50,7 +50,14 @@ import torch
 from torch import Tensor
 
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
-from ._distributed import gathered_params, has_dtensors, local_tensor, resolve_context
+from ._distributed import (
+    DistContext,
+    all_reduce_sum,
+    gathered_params,
+    has_dtensors,
+    local_tensor,
+    resolve_context,
+)
 from ._state import (
     check_state_dtype,
     compute_dtype,
@@ -394,7 +401,7 @@ class Adafactor(MatrixOptimizer):
             if params:
                 states = [self.state[p] for p in params]
                 guard = SkipNonFinite(group, params, grads, self.state)
-                _sharded_update_(ctx.group, params, guard.grads, states, dims, group)
+                _sharded_update_(ctx, params, guard.grads, states, dims, group)
                 guard.finish()
 
 
@@ -424,12 +431,11 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         state["exp_avg"] = torch.zeros_like(p, dtype=momentum_dtype or p.dtype)
 
 
-def _sharded_update_(pg: Any, params: list[Tensor], grads: list[Tensor],
+def _sharded_update_(ctx: DistContext, params: list[Tensor], grads: list[Tensor],
                      states: list[dict[str, Any]], dims: list[tuple[int, int] | None],
                      group: dict[str, Any]) -> None:
     """:func:`adafactor_update_` on the local shards of ``Shard(0)`` DTensors (see
-    :meth:`Adafactor._sharded_step` for what is reduced over the process group ``pg``)."""
-    import torch.distributed as dist
+    :meth:`Adafactor._sharded_step` for what is reduced over ``ctx``'s process group)."""
     beta2s, rhos = step_sizes([s["step"] for s in states], group)
     eps1, eps2 = float(group["eps"][0]), float(group["eps"][1])
     threshold = _float(group["clip_threshold"])
@@ -462,7 +468,7 @@ def _sharded_update_(pg: Any, params: list[Tensor], grads: list[Tensor],
             parts.append(w.to(stat_dtype(p.dtype)).square().sum().reshape(1))
         if parts:
             buf = torch.cat([x.to(gs.dtype) for x in parts])
-            dist.all_reduce(buf, group=pg)
+            all_reduce_sum(buf, ctx)
             if d is not None and d[0] == 0:
                 csum = buf[:csum.numel()].view_as(csum)
                 rsum = buf[csum.numel():csum.numel() + rsum.numel()].view_as(rsum)
@@ -480,7 +486,7 @@ def _sharded_update_(pg: Any, params: list[Tensor], grads: list[Tensor],
         coef: Tensor | float = alpha
         if threshold is not None:
             usq = u.square().sum().reshape(1)
-            dist.all_reduce(usq, group=pg)
+            all_reduce_sum(usq, ctx)
             clip = usq[0].sqrt().div(threshold * math.sqrt(max(1, P.numel()))).clamp_min(1.0)
             coef = clip.reciprocal() * alpha
         if beta1 is not None:
