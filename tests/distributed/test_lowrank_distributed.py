@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import STEPS, full_params, make_model, train_step
+from _harness import STEPS, full_params, local_batch, make_model, train_step
 from torch.distributed.tensor import DTensor
 
 from matrixopt import Adafactor, GaLoreAdamW
@@ -58,13 +58,82 @@ def _no_whole_gather(active: bool) -> Iterator[None]:
         DTensor.full_tensor = orig  # type: ignore[method-assign]
 
 
+class Stacks(torch.nn.Module):
+    """Adafactor's other factorings: [3, 8, 6] factors dims (1, 2) (dim 0, the sharded one,
+    is a batch dim: both statistics sharded); [8, 2, 6] factors (0, 2) with a middle batch
+    dim; [5, 3] is below min_dim_size_to_factor=4 (full second moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.u = torch.nn.Parameter(torch.randn(3, 8, 6, generator=g))
+        self.v = torch.nn.Parameter(torch.randn(8, 2, 6, generator=g))
+        self.w = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 6]
+        h = torch.einsum("bj,kij->bki", x, self.u).tanh().sum(1)  # [B, 8]
+        h = torch.einsum("bi,ikj->bkj", h, self.v).tanh().sum(1)  # [B, 6]
+        return (h[:, :3] @ self.w.T).sum(-1)
+
+
+def stacks_losses(rank: int = 0, world: int = 1, shard: bool = False) -> list[float]:
+    from torch.distributed.fsdp import fully_shard
+    model = Stacks()
+    if shard:
+        fully_shard(model)
+    opt = Adafactor(model.parameters(), min_dim_size_to_factor=4, clip_threshold=0.5)
+    out = []
+    for s in range(3):
+        x, y = local_batch(s, rank, world)
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        out.append(float(value))
+    return out
+
+
+BASIS_CASES = [  # (b, rows, n, rank, method, warm): uneven rows, shards shorter than the sketch
+    (1, 13, 24, 3, "rsvd", False), (2, 40, 16, 3, "rsvd", False), (1, 40, 16, 3, "warm", True),
+    (1, 13, 24, 3, "svd", False), (2, 9, 5, 2, "warm", True)]
+
+
+def basis_inputs(b: int, rows: int, n: int, rank: int, warm: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from matrixopt.linalg.projectors import lowrank_basis
+    g = torch.Generator().manual_seed(rows * n)
+    G = torch.randn(b, rows, n, generator=g) @ torch.diag(torch.linspace(3, 0.1, n))
+    prev = (lowrank_basis(G + 0.3 * torch.randn(b, rows, n, generator=g), rank, method="svd",
+                          side="right") if warm else None)
+    return G, prev
+
+
 def _job(rank: int, world: int, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from matrixopt.optim._distributed import resolve_context, shard_rows, sharded_right_basis
+
     res: dict[str, object] = {}
+    with _no_whole_gather(True):
+        res["stacks"] = stacks_losses(rank, world, shard=True)
+    probe = make_model()
+    fully_shard(probe)
+    ctx = resolve_context("test", list(probe.parameters()), None)
+    assert ctx is not None
+    for case in BASIS_CASES:
+        b, rows, n, r, method, warm = case
+        G, prev = basis_inputs(b, rows, n, r, warm)
+        chunk, counts = shard_rows(rows, world)
+        local = G[:, rank * chunk:rank * chunk + counts[rank]]
+        res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
+                                                 previous=prev, seed=7, dtype=None)
     for name in NAMES:
         model = DDP(make_model())
         opt = make_opt(name, model)
@@ -127,6 +196,26 @@ def test_equals_single_process(results: tuple[dict, Path], name: str, mode: str)
         torch.testing.assert_close(res[name, f"{mode}_params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
     if mode == "fsdp":
         assert res[name, "fsdp_keys"] == keys
+
+
+def test_adafactor_fsdp_other_factorings(results: tuple[dict, Path]) -> None:
+    """Batch dim sharded, factored dims behind it, unfactored matrices: as single process."""
+    res, _ = results
+    assert res["stacks"] == pytest.approx(stacks_losses(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", BASIS_CASES, ids=str)
+def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
+                                                  case: tuple) -> None:
+    """The sharded range finder (2 ranks, uneven rows) returns lowrank_basis's right basis."""
+    from matrixopt.linalg.projectors import lowrank_basis
+    res, _ = results
+    b, rows, n, r, method, warm = case
+    G, prev = basis_inputs(b, rows, n, r, warm)
+    want = lowrank_basis(G, r, method=method, side="right", previous=prev, seed=7)
+    got = res["basis", case]
+    assert got.shape == (b, n, r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_galore_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
