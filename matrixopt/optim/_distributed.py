@@ -363,8 +363,10 @@ def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
     whole tensors, so the state is *replicated* plain tensors (whole-matrix
     memory on every rank, not sharded) — correct, including DCP save/load at any
     world size, but with an all-gather of parameters and gradients per step.
-    Used by Adafactor and the GaLore optimizers, whose statistics are not yet
-    computed on shards.
+    Used for what does not run on shards yet: Adafactor with ``state_dtype`` set,
+    GaLoreAdafactor, and GaLoreAdamW with ``residual``, ``state_dtype``,
+    ``proj_dtype``, a left/full ``proj_type`` or batched (3-D) matrix views
+    (see ``_GaLoreBase._sharding``).
     """
     resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
     swaps: list[tuple[dict[str, Any], int, DTensor, Tensor]] = []

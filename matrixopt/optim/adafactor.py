@@ -277,6 +277,11 @@ class Adafactor(MatrixOptimizer):
     ``in·kh·kw``. Statistics are kept in float32 (float64 for float64
     parameters); bf16/fp16 parameters are updated through a float32 copy.
 
+    Under FSDP2 (``Shard(0)`` DTensor parameters) the step runs on the local
+    shards and only the sums that span the sharded dim are all-reduced; the
+    state stays sharded DTensors (``_sharded_step``). With ``state_dtype`` set
+    it falls back to whole matrices (:func:`~matrixopt.optim._distributed.gathered_params`).
+
     State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with
     ``beta1``. ``step()`` never modifies ``p.grad``; parameters whose grad is

@@ -54,6 +54,14 @@ What differs from galore-torch (the reference implementation):
   ``projector``, ``projector_right``, ``seed``, ``iteration``,
   ``refresh_step``, ``refresh_offset``, ``residual_norm``): ``state_dict`` loads
   with ``torch.load(weights_only=True)`` and resumes bit-identically.
+* **FSDP2** (``Shard(0)`` DTensor parameters, GaLoreAdamW): every matrix is
+  projected on the **right** (``proj_type`` ``std``/``reverse_std``/``right``),
+  so ``G P`` and the Adam moments are row shards of the parameter's rows, the
+  basis ``n × r`` is replicated, projection, Adam and transport (``r × r``)
+  are local, and the refresh is
+  :func:`~matrixopt.optim._distributed.sharded_right_basis` (only ``n × r``
+  products and small TSQR factors are all-reduced). Other configurations use
+  the whole-matrix fallback :func:`~matrixopt.optim._distributed.gathered_params`.
 * the update and the weight decay are one fused GEMM
   (``W.addmm_(P, N, beta=1-ηλ, alpha=-ηα)``), no full-size temporaries.
 
