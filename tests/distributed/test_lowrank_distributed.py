@@ -14,7 +14,7 @@ import torch.distributed as dist
 from _harness import STEPS, full_params, local_batch, make_model, train_step
 from torch.distributed.tensor import DTensor
 
-from matrixopt import Adafactor, GaLoreAdamW
+from matrixopt import Adafactor, GaLoreAdafactor, GaLoreAdamW
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -112,6 +112,16 @@ def basis_inputs(b: int, rows: int, n: int, rank: int, warm: bool
     return G, prev
 
 
+FALLBACK = ("galore_adafactor", "galore_std")
+
+
+def make_fallback_opt(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == "galore_adafactor":
+        return GaLoreAdafactor(model.parameters(), lr=0.01, rank=2, update_proj_gap=2)
+    return GaLoreAdamW(model.parameters(), lr=0.01, rank=2, update_proj_gap=2,
+                       residual="fira")  # std side (left for the wide matrices), residual
+
+
 def _job(rank: int, world: int, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -134,6 +144,15 @@ def _job(rank: int, world: int, out: Path) -> None:
         local = G[:, rank * chunk:rank * chunk + counts[rank]]
         res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
                                                  previous=prev, seed=7, dtype=None)
+    # configurations that still take the whole-matrix fallback
+    for name in FALLBACK:
+        model = make_model()
+        fully_shard(model)
+        opt = make_fallback_opt(name, model)
+        res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        res[name, "fsdp_placements"] = [
+            {k: str(tuple(v.placements)) if isinstance(v, DTensor) else "plain"
+             for k, v in opt.state[p].items()} for p in model.parameters()]
     for name in NAMES:
         model = DDP(make_model())
         opt = make_opt(name, model)
@@ -216,6 +235,17 @@ def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
     got = res["basis", case]
     assert got.shape == (b, n, r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_fallback_equals_single_process(results: tuple[dict, Path], name: str) -> None:
+    """What is not sharded yet runs on gathered whole matrices (replicated plain state)."""
+    res, _ = results
+    model = make_model()
+    opt = make_fallback_opt(name, model)
+    losses = [train_step(model, opt, s) for s in range(STEPS)]
+    assert res[name, "fsdp"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert all(v == "plain" for d in res[name, "fsdp_placements"] for v in d.values())
 
 
 def test_galore_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
