@@ -8,6 +8,10 @@ step, ring algorithms (what each rank sends):
 * Muon's own collectives: counted by :func:`matrixopt.optim._distributed.count_bytes`
   (DDP: one all-gather of the updates, ``(w-1)`` × padded per-rank buffer; FSDP2:
   two all-to-alls, what the rank sends to others).
+* Adafactor and GaLoreAdamW under FSDP2 (statistics and projections on the shards):
+  their own all-reduces (column statistics, RMS scalars; the sharded range finder's
+  ``n × r`` products and TSQR factors at a refresh), counted by ``count_bytes``, on
+  top of the FSDP2 baseline; the "ratio" column is then optimizer vs AdamW too.
 * FSDP2 baseline (``reshard_after_forward=False``: one parameter all-gather per
   step, one gradient reduce-scatter): ``2 (w-1)/w`` × padded parameter bytes,
   computed from the shard sizes.
@@ -42,7 +46,7 @@ from _common import machine_description, median_time, print_table  # noqa: E402
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
 from matrixopt.linalg.orthogonalization import orthogonalize  # noqa: E402
-from matrixopt.optim import Muon, muon_param_groups  # noqa: E402
+from matrixopt.optim import Adafactor, GaLoreAdamW, Muon, muon_param_groups  # noqa: E402
 from matrixopt.optim._distributed import _batched, count_bytes, lpt_assign, matrix_cost, shard_rows  # noqa: E402
 
 STEPS = 3
@@ -115,6 +119,16 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
     base = 2 * (world - 1) * pbytes // world
     res["fsdp_adamw_bytes"] = base
     res["fsdp_muon_bytes"] = base + sum(c.values()) / STEPS
+    # Adafactor / GaLoreAdamW on shards: only their own small all-reduces come on top
+    for name in ("adafactor", "galore"):
+        model = _model(args, data.vocab_size)
+        fully_shard(model, reshard_after_forward=False)
+        opt = (Adafactor(model.parameters(), lr=1e-3, relative_step=False) if name == "adafactor"
+               else GaLoreAdamW(model.parameters(), lr=1e-3, rank=max(1, args.d_model // 4),
+                                update_proj_gap=2, proj_type="right"))
+        with count_bytes() as c:
+            res[f"fsdp_{name}_s"] = run(model, opt)
+        res[f"fsdp_{name}_bytes"] = base + sum(c.values()) / STEPS
 
     # orthogonalisation phase: this rank's share of the matrices
     mats = _muon_mats(_model(args, data.vocab_size))
@@ -167,10 +181,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
          "Muon B/step": r0["fsdp_muon_bytes"],
          "ratio": r0["fsdp_muon_bytes"] / r0["fsdp_adamw_bytes"]},
     ]
+    rows += [{"setup": f"FSDP2 {label}", "AdamW B/step": r0["fsdp_adamw_bytes"],
+              "optimizer B/step": r0[f"fsdp_{key}_bytes"],
+              "ratio": r0[f"fsdp_{key}_bytes"] / r0["fsdp_adamw_bytes"]}
+             for key, label in (("adafactor", "Adafactor"),
+                                ("galore", "GaLoreAdamW r=d/4, refresh every 2 steps"))]
     print(machine_description())
     print(f"model: GPT d_model={args.d_model} n_layer={args.n_layer}; {args.world} gloo ranks, "
           f"1 thread each; bytes per rank per step (ring accounting)")
-    print_table(rows, title="bytes communicated per step")
+    print_table(rows, ["setup", "AdamW B/step", "Muon B/step", "optimizer B/step", "ratio"],
+                title="bytes communicated per step")
     trows = [{"rank": r, "flop share": res["ortho_share"],
               "ms (ranks concurrent)": 1e3 * res["ortho_s"], "ms (alone)": 1e3 * alone[r],
               "alone vs single": alone[r] / single} for r, res in enumerate(per_rank)]

@@ -31,7 +31,13 @@ shard; the AdamW path is elementwise on local shards.
 :func:`count_bytes` records the bytes of the collectives issued here (for the
 benchmark), with ring-algorithm accounting: per rank, an all-gather of a buffer
 of :math:`S` bytes per rank moves :math:`(w-1)S`, an all-to-all moves what the
-rank sends to the others.
+rank sends to the others, an all-reduce of :math:`S` bytes moves :math:`2(w-1)S/w`
+(reduce-scatter + all-gather).
+
+**Adafactor and GaLoreAdamW under FSDP2** keep their statistics on the local
+shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`):
+see ``Adafactor._sharded_step``, :func:`sharded_right_basis` (the projector
+refresh) and :func:`_tsqr`.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
-           "local_tensor", "distributed_orthogonalize", "count_bytes"]
+           "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
+           "sharded_right_basis"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -60,10 +67,10 @@ _COUNTERS: list[dict[str, int]] = []
 def count_bytes() -> Iterator[dict[str, int]]:
     """Count the bytes each rank sends in the collectives of this module.
 
-    Yields a dict ``{"all_gather": bytes, "all_to_all": bytes}`` filled while the
-    context is open (ring accounting, see the module docstring).
+    Yields a dict ``{"all_gather": bytes, "all_to_all": bytes, "all_reduce": bytes}``
+    filled while the context is open (ring accounting, see the module docstring).
     """
-    c = {"all_gather": 0, "all_to_all": 0}
+    c = {"all_gather": 0, "all_to_all": 0, "all_reduce": 0}
     _COUNTERS.append(c)
     try:
         yield c
@@ -356,8 +363,10 @@ def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
     whole tensors, so the state is *replicated* plain tensors (whole-matrix
     memory on every rank, not sharded) — correct, including DCP save/load at any
     world size, but with an all-gather of parameters and gradients per step.
-    Used by Adafactor and the GaLore optimizers, whose statistics are not yet
-    computed on shards.
+    Used for what does not run on shards yet: Adafactor with ``state_dtype`` set,
+    GaLoreAdafactor, and GaLoreAdamW with ``residual``, ``state_dtype``,
+    ``proj_dtype``, a left/full ``proj_type`` or batched (3-D) matrix views
+    (see ``_GaLoreBase._sharding``).
     """
     resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
     swaps: list[tuple[dict[str, Any], int, DTensor, Tensor]] = []
@@ -384,3 +393,98 @@ def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
             chunk, rows = shard_rows(p.shape[0], p.device_mesh.size())
             start = p.device_mesh.get_local_rank() * chunk
             local.copy_(whole[start:start + local.shape[0]])
+
+
+def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+    """Sum ``t`` in place over ``ctx``'s group (recorded by :func:`count_bytes`); returns ``t``."""
+    dist.all_reduce(t, group=ctx.group)
+    _record("all_reduce", 2 * (ctx.world - 1) * t.numel() * t.element_size() // ctx.world)
+    return t
+
+
+def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:
+    r"""QR of a row-sharded ``[b, M, s]`` matrix from its local rows ``[b, m_loc, s]``.
+
+    TSQR (Demmel et al. 2012, one level): a local Householder QR
+    :math:`Y_\ell = Q_\ell R_\ell`, one ``all_reduce`` of the zero-padded stack of
+    the small :math:`R_\ell` (``world·min(chunk, s) × s``), a QR of the stack
+    :math:`= Q_2 R` computed identically on every rank, and
+    :math:`Q = Q_\ell\,Q_2[\text{my block}]`. Returns (local rows of ``Q``, ``R``);
+    ``R`` (replicated) may carry extra zero rows. Works for empty shards and
+    rank-deficient ``Y`` (no Cholesky).
+    """
+    b, ml, s = Y.shape
+    Q1, R1 = torch.linalg.qr(Y, mode="reduced")
+    k = R1.shape[-2]
+    p = min(chunk, s)
+    buf = Y.new_zeros(b, ctx.world * p, s)
+    buf[:, ctx.rank * p:ctx.rank * p + k] = R1
+    all_reduce_sum(buf, ctx)
+    Q2, R = torch.linalg.qr(buf, mode="reduced")
+    return Q1 @ Q2[:, ctx.rank * p:ctx.rank * p + k], R
+
+
+def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, method: str,
+                        previous: Tensor | None, seed: int, dtype: torch.dtype | None
+                        ) -> Tensor:
+    r""":func:`~matrixopt.linalg.projectors.lowrank_basis` with ``side="right"`` for a
+    gradient sharded over its rows (FSDP2 ``Shard(0)``); replicated ``[b, n, rank]`` result.
+
+    ``G`` holds this rank's rows ``[b, m_loc, n]`` of ``[b, rows, n]``. With
+    :math:`A = G^\top` (``n × rows``, columns sharded) every product the range
+    finder needs is either local or a sum over ranks of small matrices:
+    :math:`A Z = \sum_\ell G_\ell^\top Z_\ell` (one ``all_reduce`` of ``n × s``),
+    :math:`\mathrm{orth}(A^\top Q) = \mathrm{orth}(G Q)` by :func:`_tsqr` (an
+    ``all_reduce`` of ``world·s × s``), the Gaussian sketch :math:`\Omega`
+    (``rows × s``) drawn whole from the same seed on every rank and sliced, so
+    it equals the single-process one; QRs of replicated matrices and the
+    Rayleigh–Ritz SVD are local and identical on all ranks. The exact branch
+    (``"svd"``, or a sketch spanning the short side) takes the right singular
+    vectors of the TSQR factor :math:`R` of :math:`G` (``n × n``). Same result
+    as the single-process call up to rounding (QR factors differ only by column
+    signs, which the Rayleigh–Ritz rotation and the sign convention remove).
+    Methods ``"warm"``, ``"rsvd"`` and ``"svd"`` with their default ``n_iter``
+    and ``oversample``; extreme inputs (max |g| outside :math:`2^{\pm 40}`) are not rescaled.
+    """
+    from ..linalg.projectors import _DEFAULTS, _align_signs
+    from ..linalg.svd import _compute_dtype, _gaussian, _resolve_generator, _sign_convention
+
+    b, ml, n = G.shape
+    chunk, _ = shard_rows(rows, ctx.world)
+    out_dtype = dtype or G.dtype
+    gen = _resolve_generator(seed, G.device, "seed")
+    if method == "warm" and previous is None:
+        method = "rsvd"
+    n_iter, oversample = _DEFAULTS.get(method, (0, 0))
+    X = G.to(_compute_dtype(G.dtype))
+    start = ctx.rank * chunk
+    size = min(rank + oversample, rows, n)
+
+    def a_times(Z: Tensor) -> Tensor:  # A Z = Gᵀ Z, summed over the row shards
+        return all_reduce_sum((X.mT @ Z).contiguous(), ctx)
+
+    if method == "svd" or size >= min(rows, n):
+        _, R = _tsqr(X, ctx, chunk)
+        P = torch.linalg.svd(R, full_matrices=False).Vh.mT[..., :rank]
+    else:
+        if previous is None:
+            Omega = _gaussian((b, rows, size), gen, G.device, X.dtype)
+            Q = torch.linalg.qr(a_times(Omega[:, start:start + ml]), mode="reduced").Q
+        else:
+            k = previous.shape[-1]
+            Q = previous.to(X.dtype).expand(b, n, k)
+            if size > k:
+                Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
+                Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
+                                    mode="reduced").Q
+        if n_iter < 1:
+            raise ValueError(f"sharded_right_basis: method {method!r} needs n_iter >= 1")
+        R = Q
+        for _ in range(n_iter):
+            Z, _ = _tsqr(X @ Q, ctx, chunk)
+            Q, R = torch.linalg.qr(a_times(Z), mode="reduced")
+        P = Q @ torch.linalg.svd(R, full_matrices=False).U[..., :rank]
+    P, _ = _sign_convention(P)
+    if previous is not None:
+        P = _align_signs(P, previous)
+    return P.to(out_dtype)

@@ -50,7 +50,14 @@ import torch
 from torch import Tensor
 
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
-from ._distributed import gathered_params, has_dtensors
+from ._distributed import (
+    DistContext,
+    all_reduce_sum,
+    gathered_params,
+    has_dtensors,
+    local_tensor,
+    resolve_context,
+)
 from ._state import (
     check_state_dtype,
     compute_dtype,
@@ -270,6 +277,11 @@ class Adafactor(MatrixOptimizer):
     ``in·kh·kw``. Statistics are kept in float32 (float64 for float64
     parameters); bf16/fp16 parameters are updated through a float32 copy.
 
+    Under FSDP2 (``Shard(0)`` DTensor parameters) the step runs on the local
+    shards and only the sums that span the sharded dim are all-reduced; the
+    state stays sharded DTensors (``_sharded_step``). With ``state_dtype`` set
+    it falls back to whole matrices (:func:`~matrixopt.optim._distributed.gathered_params`).
+
     State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with
     ``beta1``. ``step()`` never modifies ``p.grad``; parameters whose grad is
@@ -313,9 +325,14 @@ class Adafactor(MatrixOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (``closure`` re-evaluates the loss)."""
         loss = closure_loss(closure)
-        if has_dtensors(self):  # FSDP2: whole-matrix fallback, see _distributed.gathered_params
-            with gathered_params(self, "Adafactor"):
-                self.step()
+        if has_dtensors(self):
+            if any(g["state_dtype"] is not None for g in self.param_groups):
+                # quantised/converted momentum storage is not sharded yet: whole-matrix
+                # fallback (see _distributed.gathered_params)
+                with gathered_params(self, "Adafactor"):
+                    self.step()
+            else:
+                self._sharded_step()
             return loss
         self._raise_on_nonfinite()
         for index, group in enumerate(self.param_groups):
@@ -344,6 +361,146 @@ class Adafactor(MatrixOptimizer):
                 adafactor_update_(params, guard.grads, states, dims, group)
                 guard.finish()
         return loss
+
+
+    def _sharded_step(self) -> None:
+        r"""FSDP2 step on local shards (parameters ``Shard(0)`` on a 1-D mesh).
+
+        The statistics are kept where they are computed: ``exp_avg_sq_row``
+        (reduced over ``col_dim`` ≥ 1) is always local to the rows this rank
+        holds and stays ``Shard(0)``, like the full ``exp_avg_sq`` and the
+        momentum. What spans dim 0 is summed over the mesh with one
+        ``all_reduce`` of a small buffer per parameter: when ``row_dim == 0``
+        the column sums :math:`\sum_{rows} G^2` (``n`` numbers; the column
+        statistic is then ``Replicate``, identical on every rank) and the sums
+        :math:`\sum_{rows} R` for :math:`\operatorname{mean}(R)`; with
+        ``scale_parameter`` the parameter's :math:`\|W\|^2`. The update clipping
+        needs :math:`\|U\|^2`, one more scalar ``all_reduce``. Means divide by the
+        global sizes, so the step equals the single-process one up to the
+        order of floating-point sums. State tensors are DTensors, so
+        :mod:`torch.distributed.checkpoint` saves and reshards them.
+        """
+        self._raise_on_nonfinite()
+        ctx = resolve_context("Adafactor", [p for g in self.param_groups for p in g["params"]],
+                              None)
+        assert ctx is not None
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            dims: list[tuple[int, int] | None] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grads.append(check_grad(p, "Adafactor", index))
+                params.append(p)
+                d = factored_dims(p.shape, group["min_dim_size_to_factor"])
+                state = self.state[p]
+                if "step" not in state:
+                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])
+                elif ("exp_avg_sq_row" in state) != (d is not None):
+                    raise RuntimeError(
+                        f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
+                        f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
+                        f"factoring; min_dim_size_to_factor cannot change during training")
+                dims.append(d)
+            if params:
+                states = [self.state[p] for p in params]
+                guard = SkipNonFinite(group, params, grads, self.state)
+                _sharded_update_(ctx, params, guard.grads, states, dims, group)
+                guard.finish()
+
+
+def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | None,
+                        beta1: float | None, momentum_dtype: torch.dtype | None) -> None:
+    """:func:`init_adafactor_state` for a ``Shard(0)`` DTensor parameter: the same keys and
+    global shapes, as DTensors (``exp_avg_sq_col`` replicated when it spans dim 0)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import zeros as dzeros
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    sd = stat_dtype(p.dtype)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    if dims is not None:
+        row_dim, col_dim = dims
+        rshape = list(p.shape)
+        rshape[col_dim] = 1
+        cshape = list(p.shape)
+        cshape[row_dim] = 1
+        state["exp_avg_sq_row"] = dzeros(rshape, dtype=sd, device_mesh=mesh,
+                                         placements=[Shard(0)])
+        state["exp_avg_sq_col"] = dzeros(cshape, dtype=sd, device_mesh=mesh,
+                                         placements=[Replicate() if row_dim == 0 else Shard(0)])
+    else:
+        state["exp_avg_sq"] = dzeros(list(p.shape), dtype=sd, device_mesh=mesh,
+                                     placements=[Shard(0)])
+    if beta1 is not None:
+        state["exp_avg"] = torch.zeros_like(p, dtype=momentum_dtype or p.dtype)
+
+
+def _sharded_update_(ctx: DistContext, params: list[Tensor], grads: list[Tensor],
+                     states: list[dict[str, Any]], dims: list[tuple[int, int] | None],
+                     group: dict[str, Any]) -> None:
+    """:func:`adafactor_update_` on the local shards of ``Shard(0)`` DTensors (see
+    :meth:`Adafactor._sharded_step` for what is reduced over ``ctx``'s process group)."""
+    beta2s, rhos = step_sizes([s["step"] for s in states], group)
+    eps1, eps2 = float(group["eps"][0]), float(group["eps"][1])
+    threshold = _float(group["clip_threshold"])
+    wd = float(group["weight_decay"])
+    beta1 = group["beta1"]
+    scale = bool(group["scale_parameter"])
+    for P, G, st, d, b2, rho in zip(params, grads, states, dims, beta2s, rhos):
+        p, g = local_tensor(P), local_tensor(G)
+        low = p.dtype in _LOW_PRECISION
+        w = p.float() if low else p
+        shape = P.shape
+        wgt = 1.0 - b2
+        parts: list[Tensor] = []
+        if d is not None:
+            row_dim, col_dim = d
+            r = local_tensor(st["exp_avg_sq_row"])
+            c = local_tensor(st["exp_avg_sq_col"])
+            gs = g.to(r.dtype)
+            sq = gs.square()
+            r.lerp_(sq.sum(dim=col_dim, keepdim=True).div_(shape[col_dim]).add_(eps1), wgt)
+            csum = sq.sum(dim=row_dim, keepdim=True)
+            del sq
+            rsum = r.sum(dim=row_dim, keepdim=True)
+            if row_dim == 0:  # both sums run over the sharded dim
+                parts += [csum.reshape(-1), rsum.reshape(-1)]
+        else:
+            v = local_tensor(st["exp_avg_sq"])
+            gs = g.to(v.dtype)
+        if scale:
+            parts.append(w.to(stat_dtype(p.dtype)).square().sum().reshape(1))
+        if parts:
+            buf = torch.cat([x.to(gs.dtype) for x in parts])
+            all_reduce_sum(buf, ctx)
+            if d is not None and d[0] == 0:
+                csum = buf[:csum.numel()].view_as(csum)
+                rsum = buf[csum.numel():csum.numel() + rsum.numel()].view_as(rsum)
+        if d is not None:
+            c.lerp_(csum.div(shape[d[0]]).add_(eps1), wgt)
+            r_factor = (r / rsum.div(shape[d[0]])).rsqrt_()
+            u = torch.mul(r_factor, c.rsqrt()).mul_(gs)
+        else:
+            v.lerp_(gs.square().add_(eps1), wgt)
+            u = v.rsqrt().mul_(gs)
+        alpha: Tensor | float = rho
+        if scale:
+            rms = buf[-1].sqrt().div(math.sqrt(max(1, P.numel()))).clamp_min(eps2)
+            alpha = rms * rho
+        coef: Tensor | float = alpha
+        if threshold is not None:
+            usq = u.square().sum().reshape(1)
+            all_reduce_sum(usq, ctx)
+            clip = usq[0].sqrt().div(threshold * math.sqrt(max(1, P.numel()))).clamp_min(1.0)
+            coef = clip.reciprocal() * alpha
+        if beta1 is not None:
+            (m,) = momentum_([local_tensor(st["exp_avg"])], [u.mul_(coef)], float(beta1))
+            apply_update_([w], [m.to(w.dtype)], [1.0], [alpha], wd)
+        else:
+            apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)
+        if low:
+            p.copy_(w)
 
 
 def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:

@@ -54,6 +54,14 @@ What differs from galore-torch (the reference implementation):
   ``projector``, ``projector_right``, ``seed``, ``iteration``,
   ``refresh_step``, ``refresh_offset``, ``residual_norm``): ``state_dict`` loads
   with ``torch.load(weights_only=True)`` and resumes bit-identically.
+* **FSDP2** (``Shard(0)`` DTensor parameters, GaLoreAdamW): every matrix is
+  projected on the **right** (``proj_type`` ``std``/``reverse_std``/``right``),
+  so ``G P`` and the Adam moments are row shards of the parameter's rows, the
+  basis ``n × r`` is replicated, projection, Adam and transport (``r × r``)
+  are local, and the refresh is
+  :func:`~matrixopt.optim._distributed.sharded_right_basis` (only ``n × r``
+  products and small TSQR factors are all-reduced). Other configurations use
+  the whole-matrix fallback :func:`~matrixopt.optim._distributed.gathered_params`.
 * the update and the weight decay are one fused GEMM
   (``W.addmm_(P, N, beta=1-ηλ, alpha=-ηα)``), no full-size temporaries.
 
@@ -92,7 +100,14 @@ from ._adamw import (
     init_adam_state,
 )
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
-from ._distributed import gathered_params, has_dtensors
+from ._distributed import (
+    DistContext,
+    gathered_params,
+    has_dtensors,
+    local_tensor,
+    resolve_context,
+    sharded_right_basis,
+)
 from ._state import check_state_dtype, compute_dtype, load_moment, store_moment, zero_moment
 from .adafactor import (
     adafactor_precondition_,
@@ -169,6 +184,33 @@ class _Item:
     rank: int          # min(group rank, m, n)
     bases: list[Tensor] = field(default_factory=list)  # [left or right] or [left, right], 3-D
     proj: Any = None   # the bases in proj_dtype for this step (converted once, used twice)
+    M: int = -1        # global rows (FSDP2: ``m`` is this rank's shard of them)
+
+    def __post_init__(self) -> None:
+        if self.M < 0:
+            self.M = self.m
+
+
+class _LocalState:
+    """Plain-tensor view of a state dict holding DTensors (FSDP2): ``local`` maps each key
+    to its local shard (sharing storage, so in-place updates land in the DTensor);
+    :meth:`write_back` copies entries the step replaced back into the shards and adds new
+    plain entries (a replicated basis) to the state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.local: dict[str, Any] = {k: local_tensor(v) if isinstance(v, Tensor) else v
+                                      for k, v in state.items()}
+        self._seen = dict(self.local)
+
+    def write_back(self) -> None:
+        for k, v in self.local.items():
+            old = self.state.get(k)
+            if old is not None and old is not v and local_tensor(old) is not old:
+                if self._seen.get(k) is not v:
+                    local_tensor(old).copy_(v)
+            elif old is not v:
+                self.state[k] = v
 
 
 class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
@@ -248,10 +290,14 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step (``closure`` re-evaluates the loss)."""
         loss = closure_loss(closure)
-        if has_dtensors(self):  # FSDP2: whole-matrix fallback, see _distributed.gathered_params
-            with gathered_params(self, type(self).__name__):
-                self.step()
-            return loss
+        ctx: DistContext | None = None
+        if has_dtensors(self):
+            ctx = self._sharding()
+            if ctx is None:  # whole-matrix fallback, see _distributed.gathered_params
+                with gathered_params(self, type(self).__name__):
+                    self.step()
+                return loss
+        self._ctx = ctx
         self._raise_on_nonfinite()
         ordinal = 0
         for index, group in enumerate(self.param_groups):
@@ -259,6 +305,8 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             plain_g: list[Tensor] = []
             items: list[_Item] = []
             fresh: list[_Item] = []
+            keys: list[Tensor] = []   # the parameters (state keys) of the items
+            grads: list[Tensor] = []  # their gradients as given (DTensors under FSDP2)
             for p in group["params"]:
                 ordinal += 1
                 if p.grad is None:
@@ -269,38 +317,104 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                     plain_g.append(grad)
                     continue
                 b, m, n, batched = self._view(group, p)
-                item = _Item(p=p, state=self.state[p], G=grad.reshape(b, m, n), b=b, m=m, n=n,
-                             batched=batched,
-                             side=projection_side((m, n), group["proj_type"]),
-                             rank=min(int(group["rank"]), m, n))
+                lg = local_tensor(grad)
+                item = _Item(p=local_tensor(p), state=self.state[p],
+                             G=lg.reshape(b, lg.shape[0] if ctx else m, n), b=b,
+                             m=lg.shape[0] if ctx else m, n=n, batched=batched,
+                             side="right" if ctx else projection_side((m, n), group["proj_type"]),
+                             rank=min(int(group["rank"]), m, n), M=m)
                 if "iteration" not in item.state:
-                    self._init_state(group, item, seed=int(group["seed"]) + ordinal - 1)
+                    self._init_state(group, item, seed=int(group["seed"]) + ordinal - 1, key=p)
                     fresh.append(item)
                 items.append(item)
+                keys.append(p)
+                grads.append(grad)
             if fresh:
                 self._assign_offsets(group, fresh)
-            guard = SkipNonFinite(group, plain_p + [it.p for it in items],
-                                  plain_g + [it.G for it in items], self.state)
+            guard = SkipNonFinite(group, plain_p + keys, plain_g + grads, self.state)
             plain_g = guard.grads[:len(plain_p)]
             for it, g in zip(items, guard.grads[len(plain_p):]):
-                it.G = g
-            if plain_p:
+                it.G = local_tensor(g).reshape(it.b, it.m, it.n)
+            if plain_p and ctx is not None:
+                for p in plain_p:
+                    if "exp_avg" not in self.state[p]:
+                        self._init_inner_plain(group, self.state[p], p)
+                views = [_LocalState(self.state[p]) for p in plain_p]
+                self._plain_step_states(index, group, [local_tensor(p) for p in plain_p],
+                                        [local_tensor(g) for g in plain_g],
+                                        [v.local for v in views])
+                for v in views:
+                    v.write_back()
+            elif plain_p:
                 self._plain_step(index, group, plain_p, plain_g)
             if items:
+                views = [_LocalState(it.state) for it in items] if ctx else []
+                for it, v in zip(items, views):
+                    it.state = v.local
                 self._projected_step(group, items)
+                for v in views:
+                    v.write_back()
             guard.finish()
+        self._ctx = None  # holds a process group: not kept beyond the step
         return loss
 
-    def _init_state(self, group: dict[str, Any], item: _Item, seed: int) -> None:
+    def _sharding(self) -> DistContext | None:
+        """FSDP2 context when every group runs on local shards, else ``None`` (fallback).
+
+        Sharded: GaLoreAdamW, ``Shard(0)`` DTensors, every projected parameter a
+        single matrix (2-D, or flattened to ``out × rest``), ``proj_type`` in
+        ``std``/``reverse_std``/``right`` (projected on the **right** under FSDP2:
+        the basis ``n × r`` is replicated, ``G P`` and the Adam moments are
+        row-sharded like the parameter; a left basis would need a distributed
+        QR of the sharded side every step), no ``residual``, ``state_dtype`` and
+        ``proj_dtype`` ``None``, ``projector`` ``warm``/``rsvd``/``svd``/``random``.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        ctx = resolve_context(type(self).__name__, params, None)
+        if ctx is None or not isinstance(self, GaLoreAdamW):
+            return None
+        for group in self.param_groups:
+            if (group["proj_type"] not in ("std", "reverse_std", "right")
+                    or group["residual"] is not None or group["state_dtype"] is not None
+                    or group["proj_dtype"] is not None):
+                return None
+            if group["rank"] is not None and any(
+                    p.ndim >= 2 and self._view(group, p)[3] for p in group["params"]):
+                return None
+        return ctx
+
+    def _init_inner_plain(self, group: dict[str, Any], state: dict[str, Any], p: Tensor
+                          ) -> None:
+        """State of an unprojected parameter (FSDP2: DTensors like ``p``)."""
+        init_adam_state(state, p, group["state_dtype"])
+
+    def _plain_step_states(self, index: int, group: dict[str, Any], params: list[Tensor],
+                           grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """The unprojected AdamW step on local shards with local views of the state."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        adamw_step_states_(params, grads, states, group["state_dtype"],
+                           lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
+                           eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+
+    def _init_state(self, group: dict[str, Any], item: _Item, seed: int,
+                    key: Tensor | None = None) -> None:
         st = item.state
         st["iteration"] = torch.tensor(0, dtype=torch.int64)
         st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
         st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
         st["seed"] = torch.tensor(seed, dtype=torch.int64)
         b, r1, r2 = self._low_rank_shape(item)
-        like = torch.empty((b, r1, r2) if item.batched else (r1, r2),
-                           dtype=torch.promote_types(item.G.dtype, self._basis_dtype(item.p)),
-                           device=item.p.device)
+        dt = torch.promote_types(item.G.dtype, self._basis_dtype(item.p))
+        like: Tensor
+        if getattr(self, "_ctx", None) is not None and key is not None:
+            # FSDP2 (right side, b == 1): the moments G P are [M, r], row-sharded like p
+            from torch.distributed.tensor import Shard
+            from torch.distributed.tensor import empty as dempty
+            like = dempty((item.M, r2), dtype=dt, device_mesh=key.device_mesh,  # type: ignore[attr-defined]
+                          placements=[Shard(0)])
+        else:
+            like = torch.empty((b, r1, r2) if item.batched else (r1, r2), dtype=dt,
+                               device=item.p.device)
         self._init_inner(group, st, like)
         if group["residual"] is not None:
             st["residual_norm"] = torch.zeros(item.b, dtype=torch.float32, device=item.p.device)
@@ -313,8 +427,8 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
         slots = max(1, min(int(group["stagger"]), gap))
         count: dict[tuple[int, int], int] = {}
         for it in fresh:
-            j = count.get((it.m, it.n), 0)
-            count[(it.m, it.n)] = j + 1
+            j = count.get((it.M, it.n), 0)
+            count[(it.M, it.n)] = j + 1
             it.state["refresh_offset"].fill_(((j % slots) * gap) // slots)
 
     def _projected_step(self, group: dict[str, Any], items: list[_Item]) -> None:
@@ -337,7 +451,7 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             if not it.bases:
                 it.bases = self._load_bases(group, it)
             R = project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
-                        group["proj_type"])
+                        self._ptype(group, it))
             (N,), (c,), (d,) = self._inner_direction(group, [it], [R])
             self._apply(group, it, R, N, c, d)
             it.bases, it.proj = [], None
@@ -349,7 +463,9 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _random_bases(self, item: _Item, refresh_step: int) -> list[Tensor]:
         seed = (int(item.state["seed"]) * _SEED_STRIDE + refresh_step) % (2 ** 62)
         dt = self._basis_dtype(item.p)
-        return [lowrank_basis(item.G, item.rank, method="random", side=s,  # type: ignore[arg-type]
+        # the basis depends on the full shape only (G is not read): a row shard stands in
+        G = item.G if item.M == item.m else item.G.new_zeros(()).expand(item.b, item.M, item.n)
+        return [lowrank_basis(G, item.rank, method="random", side=s,  # type: ignore[arg-type]
                               seed=seed + i, dtype=dt, check_finite=False)
                 for i, s in enumerate(self._sides(item))]
 
@@ -382,9 +498,10 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             # one lowrank_basis call per bucket of same-shape matrices
             buckets: dict[tuple[Any, ...], list[int]] = {}
             for i, it in enumerate(items):
-                key = (it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device, old[i] is not None)
+                key = (it.M, it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device,
+                       old[i] is not None)
                 buckets.setdefault(key, []).append(i)
-            for (_m, _n, _, rank, _, _, warm), idx in buckets.items():
+            for (rows, _m, _n, _, rank, _, _, warm), idx in buckets.items():
                 first = items[idx[0]]
                 G = torch.cat([items[i].G for i in idx], dim=0) if len(idx) > 1 else first.G
                 seed = (int(first.state["seed"]) * _SEED_STRIDE
@@ -395,9 +512,16 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                     if warm:
                         prevs = [old[i][k] for i in idx]  # type: ignore[index]
                         prev = torch.cat(prevs, dim=0) if len(prevs) > 1 else prevs[0]
-                    P = lowrank_basis(G, rank, method=method, side=side,  # type: ignore[arg-type]
-                                      previous=prev, seed=seed + k,
-                                      dtype=self._basis_dtype(first.p), check_finite=False)
+                    ctx = getattr(self, "_ctx", None)
+                    if ctx is not None:  # FSDP2: row shards, right side, small all-reduces
+                        P = sharded_right_basis(ctx, G, rows, rank, method=method,
+                                                previous=prev, seed=seed + k,
+                                                dtype=self._basis_dtype(first.p))
+                    else:
+                        P = lowrank_basis(G, rank, method=method,
+                                          side=side,  # type: ignore[arg-type]
+                                          previous=prev, seed=seed + k,
+                                          dtype=self._basis_dtype(first.p), check_finite=False)
                     for i, chunk in zip(idx, P.split(sizes, dim=0)):
                         new[i].append(chunk)
         on_refresh = group["on_refresh"]
@@ -439,8 +563,14 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             X = torch.mul(X, alpha, out=torch.empty_like(X, dtype=pd))
         elif alpha != 1.0:
             X = X * alpha
-        return project_back(X, self._proj_bases(group, item), group["proj_type"],
+        return project_back(X, self._proj_bases(group, item), self._ptype(group, item),
                             (item.b, item.m, item.n))
+
+    @staticmethod
+    def _ptype(group: dict[str, Any], item: _Item) -> str:
+        """``proj_type`` naming the item's side (the side of the full matrix, also for a
+        row shard whose own shape would pick another)."""
+        return group["proj_type"] if item.side == "both" else item.side
 
     @staticmethod
     def _channel_norms(X: Tensor, side: str, granularity: str) -> Tensor:

@@ -1,16 +1,20 @@
-"""Adafactor and GaLoreAdamW under DDP and FSDP2 (whole-matrix fallback) on 2 gloo
-processes vs a single process; DCP checkpoints resumed at world size 2 and 1."""
+"""Adafactor (sharded statistics) and GaLoreAdamW (right basis, sharded range finder) under
+DDP and FSDP2 on 2 gloo processes vs a single process; DCP checkpoints resumed at world size
+2 and 1."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import STEPS, full_params, make_model, train_step
+from _harness import STEPS, full_params, local_batch, make_model, train_step
+from torch.distributed.tensor import DTensor
 
-from matrixopt import Adafactor, GaLoreAdamW
+from matrixopt import Adafactor, GaLoreAdafactor, GaLoreAdamW
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -26,8 +30,96 @@ NAMES = ("adafactor", "galore")
 def make_opt(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == "adafactor":
         return Adafactor(model.parameters(), lr=0.01, beta1=0.9, weight_decay=0.1)
-    # rank 2 < min side everywhere but the 1-row head; refresh every 2 steps
-    return GaLoreAdamW(model.parameters(), lr=0.01, rank=2, update_proj_gap=2, stagger=1)
+    # rank 2 < min side everywhere but the 1-row head; refresh every 2 steps (the first
+    # refresh is the cold randomized one, the second warm-started); the right side, which
+    # FSDP2 uses for every matrix (std would pick the left one for the wide matrices)
+    return GaLoreAdamW(model.parameters(), lr=0.01, rank=2, update_proj_gap=2, stagger=1,
+                       proj_type="right")
+
+
+@contextlib.contextmanager
+def _no_whole_gather(active: bool) -> Iterator[None]:
+    """Fail if the optimizer gathers a whole (non-scalar) DTensor: the sharded path must
+    not fall back to ``gathered_params`` (the non-finite check gathers 0-dim sums only)."""
+    if not active:
+        yield
+        return
+    orig = DTensor.full_tensor
+
+    def guarded(self: DTensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.numel() > 1:
+            raise AssertionError(f"whole-tensor all-gather of shape {tuple(self.shape)}")
+        return orig(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    DTensor.full_tensor = guarded  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DTensor.full_tensor = orig  # type: ignore[method-assign]
+
+
+class Stacks(torch.nn.Module):
+    """Adafactor's other factorings: [3, 8, 6] factors dims (1, 2) (dim 0, the sharded one,
+    is a batch dim: both statistics sharded); [8, 2, 6] factors (0, 2) with a middle batch
+    dim; [5, 3] is below min_dim_size_to_factor=4 (full second moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.u = torch.nn.Parameter(torch.randn(3, 8, 6, generator=g))
+        self.v = torch.nn.Parameter(torch.randn(8, 2, 6, generator=g))
+        self.w = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 6]
+        h = torch.einsum("bj,kij->bki", x, self.u).tanh().sum(1)  # [B, 8]
+        h = torch.einsum("bi,ikj->bkj", h, self.v).tanh().sum(1)  # [B, 6]
+        return (h[:, :3] @ self.w.T).sum(-1)
+
+
+def stacks_losses(rank: int = 0, world: int = 1, shard: bool = False) -> list[float]:
+    from torch.distributed.fsdp import fully_shard
+    model = Stacks()
+    if shard:
+        fully_shard(model)
+    opt = Adafactor(model.parameters(), min_dim_size_to_factor=4, clip_threshold=0.5)
+    out = []
+    for s in range(3):
+        x, y = local_batch(s, rank, world)
+        loss = (model(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        out.append(float(value))
+    return out
+
+
+BASIS_CASES = [  # (b, rows, n, rank, method, warm): uneven rows, shards shorter than the sketch
+    (1, 13, 24, 3, "rsvd", False), (2, 40, 16, 3, "rsvd", False), (1, 40, 16, 3, "warm", True),
+    (1, 13, 24, 3, "svd", False), (2, 9, 5, 2, "warm", True)]
+
+
+def basis_inputs(b: int, rows: int, n: int, rank: int, warm: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from matrixopt.linalg.projectors import lowrank_basis
+    g = torch.Generator().manual_seed(rows * n)
+    G = torch.randn(b, rows, n, generator=g) @ torch.diag(torch.linspace(3, 0.1, n))
+    prev = (lowrank_basis(G + 0.3 * torch.randn(b, rows, n, generator=g), rank, method="svd",
+                          side="right") if warm else None)
+    return G, prev
+
+
+FALLBACK = ("galore_adafactor", "galore_std")
+
+
+def make_fallback_opt(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == "galore_adafactor":
+        return GaLoreAdafactor(model.parameters(), lr=0.01, rank=2, update_proj_gap=2)
+    return GaLoreAdamW(model.parameters(), lr=0.01, rank=2, update_proj_gap=2,
+                       residual="fira")  # std side (left for the wide matrices), residual
 
 
 def _job(rank: int, world: int, out: Path) -> None:
@@ -36,7 +128,31 @@ def _job(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from matrixopt.optim._distributed import resolve_context, shard_rows, sharded_right_basis
+
     res: dict[str, object] = {}
+    with _no_whole_gather(True):
+        res["stacks"] = stacks_losses(rank, world, shard=True)
+    probe = make_model()
+    fully_shard(probe)
+    ctx = resolve_context("test", list(probe.parameters()), None)
+    assert ctx is not None
+    for case in BASIS_CASES:
+        b, rows, n, r, method, warm = case
+        G, prev = basis_inputs(b, rows, n, r, warm)
+        chunk, counts = shard_rows(rows, world)
+        local = G[:, rank * chunk:rank * chunk + counts[rank]]
+        res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
+                                                 previous=prev, seed=7, dtype=None)
+    # configurations that still take the whole-matrix fallback
+    for name in FALLBACK:
+        model = make_model()
+        fully_shard(model)
+        opt = make_fallback_opt(name, model)
+        res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        res[name, "fsdp_placements"] = [
+            {k: str(tuple(v.placements)) if isinstance(v, DTensor) else "plain"
+             for k, v in opt.state[p].items()} for p in model.parameters()]
     for name in NAMES:
         model = DDP(make_model())
         opt = make_opt(name, model)
@@ -46,9 +162,13 @@ def _job(rank: int, world: int, out: Path) -> None:
         model = make_model()
         fully_shard(model)
         opt = make_opt(name, model)
-        res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        with _no_whole_gather(True):
+            res[name, "fsdp"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
         res[name, "fsdp_params"] = full_params(model)
         res[name, "fsdp_keys"] = [sorted(opt.state[p]) for p in model.parameters()]
+        res[name, "fsdp_placements"] = [
+            {k: str(tuple(v.placements)) if isinstance(v, DTensor) else "plain"
+             for k, v in opt.state[p].items()} for p in model.parameters()]
 
         model = make_model()
         fully_shard(model)
@@ -95,6 +215,66 @@ def test_equals_single_process(results: tuple[dict, Path], name: str, mode: str)
         torch.testing.assert_close(res[name, f"{mode}_params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
     if mode == "fsdp":
         assert res[name, "fsdp_keys"] == keys
+
+
+def test_adafactor_fsdp_other_factorings(results: tuple[dict, Path]) -> None:
+    """Batch dim sharded, factored dims behind it, unfactored matrices: as single process."""
+    res, _ = results
+    assert res["stacks"] == pytest.approx(stacks_losses(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", BASIS_CASES, ids=str)
+def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
+                                                  case: tuple) -> None:
+    """The sharded range finder (2 ranks, uneven rows) returns lowrank_basis's right basis."""
+    from matrixopt.linalg.projectors import lowrank_basis
+    res, _ = results
+    b, rows, n, r, method, warm = case
+    G, prev = basis_inputs(b, rows, n, r, warm)
+    want = lowrank_basis(G, r, method=method, side="right", previous=prev, seed=7)
+    got = res["basis", case]
+    assert got.shape == (b, n, r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_fallback_equals_single_process(results: tuple[dict, Path], name: str) -> None:
+    """What is not sharded yet runs on gathered whole matrices (replicated plain state)."""
+    res, _ = results
+    model = make_model()
+    opt = make_fallback_opt(name, model)
+    losses = [train_step(model, opt, s) for s in range(STEPS)]
+    assert res[name, "fsdp"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert all(v == "plain" for d in res[name, "fsdp_placements"] for v in d.values())
+
+
+def test_galore_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
+    """GaLoreAdamW under FSDP2 keeps the projected moments (G P, rows × r) sharded like the
+    parameter and the right basis (n × r) as a plain replicated tensor."""
+    res, _ = results
+    shard = "(Shard(dim=0),)"
+    model = make_model()
+    for p, placements in zip(model.parameters(), res["galore", "fsdp_placements"]):
+        assert placements["exp_avg"] == placements["exp_avg_sq"] == shard
+        if p.dim() == 2:
+            assert placements["projector"] == "plain"
+
+
+def test_adafactor_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
+    """Adafactor under FSDP2 keeps its state as DTensors: row statistics, momentum and
+    unfactored second moments sharded like the parameter; column statistics (which sum
+    over the sharded rows) replicated."""
+    res, _ = results
+    shard, rep = "(Shard(dim=0),)", "(Replicate(),)"
+    model = make_model()
+    for p, placements in zip(model.parameters(), res["adafactor", "fsdp_placements"]):
+        assert placements["step"] == "plain"
+        assert placements["exp_avg"] == shard
+        if p.dim() == 2:
+            assert placements["exp_avg_sq_row"] == shard
+            assert placements["exp_avg_sq_col"] == rep
+        else:
+            assert placements["exp_avg_sq"] == shard
 
 
 @pytest.mark.parametrize("name", NAMES)
