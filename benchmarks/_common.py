@@ -6,10 +6,15 @@ count fixed); on GPU the kernel benchmark uses ``triton.testing.do_bench``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
+import io
+import logging
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -96,3 +101,29 @@ def write_csv(rows: Sequence[dict[str, Any]], name: str) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def quiet_import(name: str) -> Any:
+    """Import a peer library with its import-time logging, warnings and prints
+    silenced (galore_torch and bitsandbytes complain about missing GPU kernels);
+    ``None`` if it is not installed."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except ImportError:
+        return None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def hidden_matrices(model: torch.nn.Module
+                    ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The GPT's hidden-layer matrices (2-D parameters under ``blocks.``) and the rest
+    (embeddings, head, norms, biases): the split the low-rank benchmarks use."""
+    mats, rest = [], []
+    for name, p in model.named_parameters():
+        (mats if p.ndim == 2 and name.startswith("blocks.") else rest).append(p)
+    return mats, rest

@@ -29,9 +29,6 @@ CPython help-topic corpus):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import math
 import sys
 import time
@@ -48,7 +45,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
-from benchmarks._common import machine_description, print_table, write_csv  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    hidden_matrices,
+    machine_description,
+    print_table,
+    quiet_import,
+    write_csv,
+)
 from matrixopt.optim.adafactor import Adafactor  # noqa: E402
 from matrixopt.optim.galore import GaLoreAdafactor, GaLoreAdamW  # noqa: E402
 
@@ -59,26 +62,13 @@ ALL = ["adamw", "galore_torch", "galore_adamw", "galore_adamw_bf16", "galore_ada
 # --------------------------------------------------------------------------- peers
 def _import_galore_torch() -> Any:
     """galore_torch imports bitsandbytes, which logs and warns about missing GPU kernels."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            import galore_torch
-    except ImportError:
-        return None
-    finally:
-        logging.disable(logging.NOTSET)
-    return galore_torch
+    return quiet_import("galore_torch")
 
 
 # ------------------------------------------------------------------------ builders
 def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Hidden-layer matrices (GaLore) and everything else (embeddings, head, norms)."""
-    mats, rest = [], []
-    for name, p in model.named_parameters():
-        (mats if p.ndim == 2 and name.startswith("blocks.") else rest).append(p)
-    return mats, rest
+    return hidden_matrices(model)
 
 
 def build(name: str, model: nn.Module, args: argparse.Namespace, gap: int) -> torch.optim.Optimizer:

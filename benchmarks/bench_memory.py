@@ -27,9 +27,6 @@ GaLoreAdamW; bitsandbytes AdamW8bit (CPU path).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import sys
 import time
 import warnings
@@ -44,7 +41,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
-from benchmarks._common import RESULTS_DIR, machine_description, print_table, write_csv  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RESULTS_DIR,
+    hidden_matrices,
+    machine_description,
+    print_table,
+    quiet_import,
+    write_csv,
+)
 from benchmarks.bench_lowrank import (  # noqa: E402
     _allocation_peak,
     _import_galore_torch,
@@ -68,24 +72,11 @@ LOSS_PAIRS = ["adamw", "adamw_int8", "muon", "muon_int8", "galore_adamw", "galor
 
 
 def _import_bnb() -> Any:
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            import bitsandbytes
-    except ImportError:
-        return None
-    finally:
-        logging.disable(logging.NOTSET)
-    return bitsandbytes
+    return quiet_import("bitsandbytes")
 
 
 def _hidden(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    mats, rest = [], []
-    for name, p in model.named_parameters():
-        (mats if p.ndim == 2 and name.startswith("blocks.") else rest).append(p)
-    return mats, rest
+    return hidden_matrices(model)
 
 
 def build(name: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:

@@ -336,31 +336,41 @@ class Adafactor(MatrixOptimizer):
             return loss
         self._raise_on_nonfinite()
         for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            dims: list[tuple[int, int] | None] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grads.append(check_grad(p, "Adafactor", index))
-                params.append(p)
-                d = factored_dims(p.shape, group["min_dim_size_to_factor"])
-                state = self.state[p]
-                if "step" not in state:
-                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"],
-                                         group["state_dtype"])
-                elif ("exp_avg_sq_row" in state) != (d is not None):
-                    raise RuntimeError(
-                        f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
-                        f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
-                        f"factoring; min_dim_size_to_factor cannot change during training")
-                dims.append(d)
+            params, grads, dims = self._collect(index, group, sharded=False)
             if params:
                 states = [self.state[p] for p in params]
                 guard = SkipNonFinite(group, params, grads, self.state)
                 adafactor_update_(params, guard.grads, states, dims, group)
                 guard.finish()
         return loss
+
+    def _collect(self, index: int, group: dict[str, Any], *, sharded: bool
+                 ) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int] | None]]:
+        """The group's parameters with a gradient, their gradients and factored dims;
+        creates missing state (as DTensors when ``sharded``)."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        dims: list[tuple[int, int] | None] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grads.append(check_grad(p, "Adafactor", index))
+            params.append(p)
+            d = factored_dims(p.shape, group["min_dim_size_to_factor"])
+            state = self.state[p]
+            if "step" not in state:
+                if sharded:
+                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])
+                else:
+                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"],
+                                         group["state_dtype"])
+            elif ("exp_avg_sq_row" in state) != (d is not None):
+                raise RuntimeError(
+                    f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
+                    f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
+                    f"factoring; min_dim_size_to_factor cannot change during training")
+            dims.append(d)
+        return params, grads, dims
 
 
     def _sharded_step(self) -> None:
@@ -385,24 +395,7 @@ class Adafactor(MatrixOptimizer):
                               None)
         assert ctx is not None
         for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            dims: list[tuple[int, int] | None] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grads.append(check_grad(p, "Adafactor", index))
-                params.append(p)
-                d = factored_dims(p.shape, group["min_dim_size_to_factor"])
-                state = self.state[p]
-                if "step" not in state:
-                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])
-                elif ("exp_avg_sq_row" in state) != (d is not None):
-                    raise RuntimeError(
-                        f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
-                        f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
-                        f"factoring; min_dim_size_to_factor cannot change during training")
-                dims.append(d)
+            params, grads, dims = self._collect(index, group, sharded=True)
             if params:
                 states = [self.state[p] for p in params]
                 guard = SkipNonFinite(group, params, grads, self.state)
