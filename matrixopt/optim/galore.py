@@ -108,7 +108,15 @@ from ._distributed import (
     resolve_context,
     sharded_right_basis,
 )
-from ._state import check_state_dtype, compute_dtype, load_moment, store_moment, zero_moment
+from ._state import (
+    ABSMAX,
+    check_state_dtype,
+    compute_dtype,
+    init_moment,
+    load_moment,
+    store_moment,
+    zero_moment,
+)
 from .adafactor import (
     adafactor_precondition_,
     adafactor_update_,
@@ -211,6 +219,8 @@ class _LocalState:
                     local_tensor(old).copy_(v)
             elif old is not v:
                 self.state[k] = v
+        for k in [k for k in self.state if k not in self.local]:
+            del self.state[k]  # dropped by the step (e.g. a converted basis's ``_absmax``)
 
 
 class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
@@ -473,10 +483,34 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
         st = item.state
         if group["projector"] == "random":
             return self._random_bases(item, int(st["refresh_step"]))
-        out = [self._w(st["projector"])]
-        if item.side == "both":
-            out.append(self._w(st["projector_right"]))
-        return out
+        dt = self._basis_dtype(item.p)
+        keys = ["projector", "projector_right"] if item.side == "both" else ["projector"]
+        # int8 / bf16 bases are dequantised here, transiently (the stored tensor itself
+        # when it already has the basis dtype)
+        return [self._w(load_moment(st, k, dt, signed=True)) for k in keys]
+
+    def _store_bases(self, group: dict[str, Any], item: _Item, bases: list[Tensor]) -> None:
+        """Store a refreshed basis (``projector``, ``projector_right``) in the group's
+        ``state_dtype``: ``"int8"`` is the signed block-wise code plus a float32
+        ``<key>_absmax`` (bases of ≥ 4096 entries, :mod:`._state`), ``"bf16"``
+        bfloat16, ``None`` / ``"fp32"`` the basis dtype. The refresh step itself
+        projects with the full-precision ``bases``; later steps dequantise the
+        stored one (:meth:`_load_bases`). Adam's first steps are nearly sign
+        updates, so projecting them with the rounded basis would amplify its
+        rounding (5x larger parameter error after 5 steps in the state_dtype tests)."""
+        st = item.state
+        sd = group["state_dtype"]
+        keys = ["projector", "projector_right"] if item.side == "both" else ["projector"]
+        for key, P in zip(keys, bases):
+            P = self._st(P.contiguous(), item)
+            st.pop(key + ABSMAX, None)  # a quantised basis of an earlier format
+            if sd in ("bf16", "int8"):
+                # new tensors: the previous basis may still be read (the transport's overlap)
+                st.pop(key, None)
+                init_moment(st, key, P, sd, signed=True)
+                store_moment(st, key, P, sd, signed=True)
+            else:
+                st[key] = P
 
     def _refresh(self, group: dict[str, Any], items: list[_Item]) -> None:
         method = group["projector"]
@@ -529,9 +563,7 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             st = it.state
             st["refresh_step"].copy_(st["iteration"])
             if method != "random":
-                st["projector"] = self._st(nb[0].contiguous(), it)
-                if it.side == "both":
-                    st["projector_right"] = self._st(nb[1].contiguous(), it)
+                self._store_bases(group, it, nb)
             it.bases = nb
             if o is None or on_refresh == "keep":
                 continue
@@ -717,6 +749,12 @@ class GaLoreAdamW(_GaLoreBase):
     ``exp_avg_sq`` (projected shape), ``projector`` (and ``projector_right`` for
     ``"full"``; none for ``"random"``), ``iteration``, ``refresh_step``,
     ``refresh_offset``, ``seed`` (int64), ``residual_norm`` (with a residual).
+    ``state_dtype`` (``None``, ``"fp32"``, ``"bf16"``, ``"int8"``; see
+    :mod:`matrixopt.optim._state`) sets the storage of the moments and of the
+    basis: with ``"int8"`` the basis is block-wise int8 (signed code, float32
+    ``projector_absmax``; bases under 4096 entries stay float32), with ``"bf16"``
+    bfloat16, dequantised only while a step projects, maps back, transports or
+    warm-starts the refresh with it.
     ``step()`` never modifies ``p.grad``; parameters without grad are untouched.
     """
 
