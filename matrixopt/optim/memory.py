@@ -15,7 +15,8 @@ shapes and group settings:
   iteration dtype (``w`` bytes), two iterates and the two ``s × s`` Gram
   products, ``w·B(2mn + 2s²)``.
 * **GaLore**: per step, the projected gradient and its direction,
-  ``2·4·r·l`` bytes for the largest matrix; at a refresh of that matrix, for
+  ``2·4·r·l`` bytes for the largest matrix (plus ``4·r·s``, the dequantised
+  basis, with ``state_dtype`` ``"bf16"``/``"int8"``); at a refresh of that matrix, for
   ``"warm"``/``"rsvd"``/``"random"`` the sketches ``4·3r(m + n)`` bytes, for
   ``"svd"`` the full SVD ``4(mn + s(m + n) + s)``.
 * **AdamW path** (and ``torch.optim.AdamW``-like optimizers with
@@ -144,7 +145,11 @@ def _group_workspace(opt: torch.optim.Optimizer, g: dict[str, Any]) -> dict[str,
             for p in proj:
                 b, m, n, _ = opt._view(g, p)
                 r, s, lng = min(int(g["rank"]), m, n), min(m, n), max(m, n)
-                best_step = max(best_step, b * 2 * 4 * r * lng)
+                # int8 / bf16 basis (state_dtype): its float32 copy while the step uses it
+                deq = (4 * r * (m + n if g["proj_type"] == "full" else s)
+                       if g["state_dtype"] in ("bf16", "int8") and g["projector"] != "random"
+                       else 0)
+                best_step = max(best_step, b * (2 * 4 * r * lng + deq))
                 refresh = (4 * (m * n + s * (m + n) + s) if g["projector"] == "svd"
                            else 4 * 3 * r * (m + n))
                 best_refresh = max(best_refresh, b * refresh)

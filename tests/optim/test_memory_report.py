@@ -55,6 +55,15 @@ def test_galore_state_and_refresh_workspace_by_hand():
     assert r.workspace["refresh"] == 4 * 3 * 8 * (256 + 96)
 
 
+def test_galore_int8_basis_adds_its_dequantised_copy_to_the_step_workspace():
+    W = torch.zeros(512, 128, requires_grad=True)
+    opt = GaLoreAdamW([{"params": [W], "rank": 64}], lr=0.0, state_dtype="int8")
+    _step(opt, [W])
+    r = memory_report(opt)
+    assert opt.state[W]["projector"].dtype == torch.int8  # 128 × 64 basis, quantised
+    assert r.workspace["projected_step"] == 2 * 4 * 64 * 512 + 4 * 64 * 128
+
+
 def test_torch_adamw_is_counted_too():
     p = torch.zeros(10, 10, requires_grad=True)
     opt = torch.optim.AdamW([p])
