@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._dist import Single, Strategy
 from ._distributed import _is_dtensor, local_tensor
+from ._nonfinite import StepFlags
 
 __all__ = [
     "MatrixOptimizer",
@@ -196,6 +198,99 @@ class MatrixOptimizer(Optimizer):
                         f"{owner}: param_groups[{index}]['params'][{j}] (shape "
                         f"{tuple(p.shape)}) is already in param_groups[{gi}]; a parameter "
                         f"must belong to exactly one group")
+
+    # -- stepping -----------------------------------------------------------
+    #: The distribution strategy (:mod:`._dist`); subclasses that distribute work
+    #: resolve theirs at construction.
+    _strategy: Strategy = Single()
+
+    def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Step ``params`` (members of ``group`` with a gradient, in group order).
+
+        Subclasses built on the functional core implement this; ``step()`` and
+        :meth:`step_parameters` call it."""
+        raise TypeError(f"{type(self).__name__} does not implement _step_group")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
+        loss = closure_loss(closure)
+        self._step_selected(self._select(None))
+        return loss
+
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params`` (those with a gradient), exactly as :meth:`step` would
+        step them, in O(len(params)) Python work: what
+        :class:`~matrixopt.optim.LayerwiseStepper` calls inside the backward pass.
+
+        Optimizer hooks (``register_step_pre_hook``) do not run: this is not a step.
+        """
+        self._step_selected(self._select(list(params)))
+
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        """``id(p) -> (group index, position in the group)``, rebuilt when groups change."""
+        key = tuple(len(g["params"]) for g in self.param_groups)
+        cache = self.__dict__.get("_position_cache")
+        if cache is None or cache[0] != key:
+            pos = {id(p): (gi, j) for gi, g in enumerate(self.param_groups)
+                   for j, p in enumerate(g["params"])}
+            cache = self.__dict__["_position_cache"] = (key, pos)
+        return cache[1]
+
+    def _select(self, only: list[Tensor] | None
+                ) -> list[tuple[int, dict[str, Any], list[Tensor]]]:
+        """(group index, group, parameters with a gradient in group order) to step."""
+        if only is None:
+            picked = [(gi, g, [p for p in g["params"] if p.grad is not None])
+                      for gi, g in enumerate(self.param_groups)]
+            return [x for x in picked if x[2]]
+        pos = self._positions()
+        by_group: dict[int, list[tuple[int, Tensor]]] = {}
+        for p in only:
+            if id(p) not in pos:
+                raise ValueError(f"{type(self).__name__}.step_parameters: a tensor of shape "
+                                 f"{tuple(p.shape)} is not a parameter of this optimizer")
+            if p.grad is not None:
+                gi, j = pos[id(p)]
+                by_group.setdefault(gi, []).append((j, p))
+        return [(gi, self.param_groups[gi], [p for _, p in sorted(v, key=lambda x: x[0])])
+                for gi, v in sorted(by_group.items())]
+
+    def _step_selected(self, selected: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
+        for index, group, params in selected:
+            if group.get("nonfinite") == "raise":
+                self._raise_if_nonfinite(index, group, params)
+        for index, group, params in selected:
+            self._step_group(index, group, params)
+
+    def _flags(self, group: dict[str, Any], grads: Sequence[Tensor]) -> StepFlags:
+        """The group's skip flags for these (local) gradients (off unless
+        ``nonfinite="skip"``); under FSDP2 one collective for the whole group."""
+        if group.get("nonfinite", "ignore") != "skip":
+            return StepFlags.off()
+        return StepFlags.compute(grads, reduce=self._strategy.reduce)
+
+    def _raise_if_nonfinite(self, index: int, group: dict[str, Any], params: list[Tensor]
+                            ) -> None:
+        """``nonfinite="raise"``: :class:`NonFiniteGradientError` naming the group and
+        parameter of the first gradient with NaN/Inf, before anything is modified; one
+        host synchronisation per such group (only this policy pays it)."""
+        strategy = self._strategy
+        flags = StepFlags.compute([strategy.local(p.grad) for p in params],  # type: ignore[arg-type]
+                                  reduce=strategy.reduce)
+        assert flags.ok is not None
+        bad = torch.stack([f.cpu() for f in flags.ok]).logical_not().nonzero()
+        if bad.numel() == 0:
+            return
+        p = params[int(bad[0, 0])]
+        j = next(k for k, q in enumerate(group["params"]) if q is p)
+        names = group.get("param_names")
+        name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""
+        raise NonFiniteGradientError(
+            f"{type(self).__name__}: param_groups[{index}]['params'][{j}]{name} of shape "
+            f"{tuple(p.shape)}: gradient contains NaN or Inf (nonfinite='raise'); nothing "
+            f"was updated. Use nonfinite='skip' to skip such parameters instead.")
 
     # -- non-finite gradients ---------------------------------------------
     def _raise_on_nonfinite(self) -> None:

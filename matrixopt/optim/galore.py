@@ -92,13 +92,7 @@ from ..linalg.projectors import (
     projection_side,
     transport_moments,
 )
-from ._adamw import (
-    _bias_corrections,
-    adam_direction,
-    adam_moments_,
-    adamw_step_states_,
-    init_adam_state,
-)
+from ._adamw import adamw_states_, init_adam_state
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import (
     DistContext,
@@ -108,6 +102,7 @@ from ._distributed import (
     resolve_context,
     sharded_right_basis,
 )
+from ._nonfinite import StepFlags
 from ._state import (
     ABSMAX,
     check_state_dtype,
@@ -128,6 +123,7 @@ from .adafactor import (
     param_scale,
     step_sizes,
 )
+from .functional.adam import adam_direction, adam_moments_
 
 __all__ = ["GaLoreAdamW", "GaLoreAdafactor", "PROJ_TYPES", "PROJECTORS", "ON_REFRESH",
            "RESIDUALS"]
@@ -402,9 +398,10 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                            grads: list[Tensor], states: list[dict[str, Any]]) -> None:
         """The unprojected AdamW step on local shards with local views of the state."""
         beta1, beta2 = (float(b) for b in group["betas"])
-        adamw_step_states_(params, grads, states, group["state_dtype"],
-                           lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
-                           eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+        adamw_states_(params, grads, states, group["state_dtype"],
+                      lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
+                      eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                      flags=StepFlags.off())
 
     def _init_state(self, group: dict[str, Any], item: _Item, seed: int,
                     key: Tensor | None = None) -> None:
@@ -802,9 +799,9 @@ class GaLoreAdamW(_GaLoreBase):
             if "exp_avg" not in st:
                 init_adam_state(st, p, group["state_dtype"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        adamw_step_states_(params, grads, states, group["state_dtype"],
-                    lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]))
+        adamw_states_(params, grads, states, group["state_dtype"],
+                      lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                      weight_decay=float(group["weight_decay"]), flags=StepFlags.off())
 
     def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
         init_adam_state(state, like, group["state_dtype"])
@@ -814,21 +811,15 @@ class GaLoreAdamW(_GaLoreBase):
         beta1, beta2 = (float(b) for b in group["betas"])
         ms, vs = self._load_moments(items, Rs)
         steps = [it.state["step"] for it in items]
-        adam_moments_([R.to(m.dtype) for R, m in zip(Rs, ms)], ms, vs, steps, beta1, beta2)
+        torch._foreach_add_(steps, 1.0)
+        adam_moments_([R.to(m.dtype) for R, m in zip(Rs, ms)], ms, vs, beta1, beta2)
         lr = _float(group["lr"])
         decay = 1.0 - lr * float(group["weight_decay"])
-        eps = float(group["eps"])
-        if group["residual"] is not None:  # the residual gain needs the true direction
-            Ns = adam_direction(ms, vs, steps, beta1, beta2, eps)
-            cs = [lr] * len(items)
-        else:
-            # only c·N is used: m̂/(√v̂ + ε) = (√bc₂/bc₁)·m/(√v + ε√bc₂), the bias
-            # corrections go into the step multiplier (two elementwise passes fewer)
-            bc1, bc2 = _bias_corrections(steps, beta1, beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, [eps * math.sqrt(b) for b in bc2])
-            Ns = list(torch._foreach_div(ms, denom))
-            cs = [lr * math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]
+        # the residual gain needs the true direction; otherwise only c·N is used and the
+        # bias corrections go into the multiplier (two elementwise passes fewer)
+        Ns, cs = adam_direction(ms, vs, steps, beta1, beta2, float(group["eps"]),
+                                folded=group["residual"] is None)
+        cs = [lr * c for c in cs]
         self._store_moments(group, items, ms, vs)
         return Ns, cs, [decay] * len(items)
 

@@ -25,7 +25,7 @@ Matrices of the same shape within a group are orthogonalised as one batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,45 +33,30 @@ from torch import Tensor
 
 from ..linalg.coefficients import resolve_coefficients
 from ..linalg.orthogonalization import orthogonalize
-from ._adamw import adamw_step_states_, init_adam_state
+from ._adamw import adamw_states_, init_adam_state
 from ._common import (
     GroupError,
     MatrixOptimizer,
-    SkipNonFinite,
     _GroupChecker,
     check_grad,
-    closure_loss,
 )
-from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
-from ._state import check_state_dtype, init_moment, momentum_directions_
+from ._dist import resolve_strategy
+from ._distributed import local_tensor
+from ._nonfinite import StepFlags
+from ._state import (
+    check_state_dtype,
+    compute_dtype,
+    init_moment,
+    is_native,
+    load_moment,
+    store_moment,
+)
+from .functional.muon import ADJUST_LR_MODES, muon_, muon_update_scale
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
-ADJUST_LR_MODES = ("match_rms_adamw", "original", "spectral", "none")
 _ALGORITHMS = ("auto", "muon", "adamw")
 _VIEWS = ("auto", "flatten", "batch")
-
-
-def muon_update_scale(m: int, n: int, mode: str) -> float:
-    r"""Multiplier :math:`s(m, n)` of the orthogonalised update of an ``m × n`` matrix.
-
-    ``"match_rms_adamw"``: :math:`0.2\sqrt{\max(m,n)}` (Moonlight; AdamW's lr and
-    weight decay carry over). ``"original"``: :math:`\sqrt{\max(1, m/n)}` (Keller
-    Jordan). ``"spectral"``: :math:`\sqrt{m/n}` (unit spectral-norm change per
-    unit RMS of input; dion's ``spectral_norm``). ``"none"``: 1.
-
-    ``m, n`` are the shape of the matrix *as orthogonalised* — for a conv weight
-    ``[out, in, kh, kw]`` that is ``(out, in·kh·kw)``, never ``(out, in)``.
-    """
-    if mode == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    if mode == "original":
-        return math.sqrt(max(1.0, m / n))
-    if mode == "spectral":
-        return math.sqrt(m / n)
-    if mode == "none":
-        return 1.0
-    raise ValueError(f"adjust_lr must be one of {list(ADJUST_LR_MODES)}, got {mode!r}")
 
 
 def _float(x: float | Tensor) -> float:
@@ -191,25 +176,37 @@ class Muon(MatrixOptimizer):
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
             betas=betas, eps=eps, nonfinite=nonfinite, state_dtype=state_dtype,
         )
-        super().__init__(params, defaults)
         self._process_group = process_group
-        self._dist = resolve_context(
-            "Muon", [p for g in self.param_groups for p in g["params"]], process_group)
-        if self._dist is not None and self._dist.mode == "fsdp":
-            for i, g in enumerate(self.param_groups):
-                if g["normuon"]:
-                    raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
-                                     f"with FSDP2 (DTensor) parameters")
-                if g["state_dtype"] in ("bf16", "int8"):
-                    raise GroupError(f"Muon: param_groups[{i}]: state_dtype="
-                                     f"{g['state_dtype']!r} is not supported with FSDP2 "
-                                     f"(DTensor) parameters; use None or 'fp32'")
+        super().__init__(params, defaults)
+        self._resolve_strategy()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_dist"):  # after construction: re-check the parallelism
-            self._dist = resolve_context(
-                "Muon", [p for g in self.param_groups for p in g["params"]], self._process_group)
+        if "_process_group" in self.__dict__:  # after construction: re-check the parallelism
+            self._resolve_strategy()
+
+    def _resolve_strategy(self) -> None:
+        """The distribution strategy of all parameters, and what it cannot run."""
+        self._strategy = resolve_strategy(
+            "Muon", [p for g in self.param_groups for p in g["params"]], self._process_group)
+        if not self._strategy.sharded:
+            return
+        for i, g in enumerate(self.param_groups):
+            if g["normuon"]:
+                raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
+                                 f"with FSDP2 (DTensor) parameters")
+            if g["state_dtype"] in ("bf16", "int8"):
+                raise GroupError(f"Muon: param_groups[{i}]: state_dtype={g['state_dtype']!r} "
+                                 f"is not supported with FSDP2 (DTensor) parameters; use None "
+                                 f"or 'fp32'")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_process_group" not in self.__dict__:
+            # unpickled or deep-copied (load_state_dict keeps the strategy): a process
+            # group is not pickled
+            self._process_group = None
+            self._resolve_strategy()
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -276,24 +273,12 @@ class Muon(MatrixOptimizer):
         return b * k, m // k, n
 
     # -------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
-        loss = closure_loss(closure)
-        self._raise_on_nonfinite()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
-        return loss
-
-    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+    def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        st = self._strategy
         muon_p: list[Tensor] = []
-        muon_g: list[Tensor] = []
         adam_p: list[Tensor] = []
-        adam_g: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = check_grad(p, "Muon", index)
+        for p in params:
+            check_grad(p, "Muon", index)
             state = self.state[p]
             if self._algorithm_for(group, p) == "muon":
                 if "momentum_buffer" not in state:
@@ -302,83 +287,54 @@ class Muon(MatrixOptimizer):
                     b, m, _ = self._view_shape(group, p)
                     state["normuon_v"] = torch.zeros(b, m, dtype=p.dtype, device=p.device)
                 muon_p.append(p)
-                muon_g.append(grad)
             else:
                 if "exp_avg" not in state:
                     init_adam_state(state, p, group["state_dtype"])
                 adam_p.append(p)
-                adam_g.append(grad)
-
-        guard = SkipNonFinite(group, muon_p + adam_p, muon_g + adam_g, self.state)
-        muon_g, adam_g = guard.grads[:len(muon_p)], guard.grads[len(muon_p):]
-        lr = _float(group["lr"])
-        wd = float(group["weight_decay"])
+        ordered = muon_p + adam_p
+        local_p = [st.local(p) for p in ordered]
+        flags = self._flags(group, [st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
+        grads = flags.safe([st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
+        k = len(muon_p)
+        lr, wd = _float(group["lr"]), float(group["weight_decay"])
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
-            adamw_step_states_(
-                [local_tensor(p) for p in adam_p], [local_tensor(g) for g in adam_g],
-                [self.state[p] for p in adam_p], group["state_dtype"],
-                lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=wd,
-            )
+            adamw_states_(local_p[k:], grads[k:], [self.state[p] for p in adam_p],
+                          group["state_dtype"], lr=lr, beta1=beta1, beta2=beta2,
+                          eps=float(group["eps"]), weight_decay=wd,
+                          flags=flags.subset(range(k, len(ordered))))
         if muon_p:
-            self._muon_update(group, muon_p, muon_g, lr, wd)
-        guard.finish()
+            self._muon(group, muon_p, local_p[:k], grads[:k], lr, wd,
+                       flags.subset(range(k)))
+        flags.count_([self.state[p] for p in ordered], [p.device for p in local_p])
 
-    def _muon_update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                     lr: float, wd: float) -> None:
-        mu = float(group["momentum"])
-        # Views and scales from the global shapes; the math on local shards (FSDP2).
-        views: list[tuple[int, int, int]] = [self._view_shape(group, p) for p in params]
-        shapes = [p.shape for p in params]
-        # New tensors (or the state itself): the gradients are read, never written.
-        dirs = momentum_directions_([local_tensor(p) for p in params],
-                                    [local_tensor(g) for g in grads],
-                                    [self.state[p] for p in params], "momentum_buffer", mu,
-                                    group["nesterov"], group["state_dtype"])
+    def _muon(self, group: dict[str, Any], keys: list[Tensor], params: list[Tensor],
+              grads: list[Tensor], lr: float, wd: float, flags: StepFlags) -> None:
+        """The Muon update (:func:`~matrixopt.optim.functional.muon_`) of local
+        ``params`` on the momentum in the group's ``state_dtype``."""
+        views = [self._view_shape(group, p) for p in keys]  # from the global shapes
+        states = [self.state[p] for p in keys]
+        sd = group["state_dtype"]
+        native = all(is_native(s, "momentum_buffer", p, sd) for s, p in zip(states, params))
+        # quantised / converted momentum: transient float32 working copies, stored after
+        bufs = [local_tensor(s["momentum_buffer"]) if native else
+                load_moment(s, "momentum_buffer", compute_dtype(p), signed=True)
+                for s, p in zip(states, params)]
 
         def orth(X: Tensor) -> Tensor:
             return orthogonalize(
                 X, steps=group["ns_steps"], coefficients=group["coefficients"],
                 normalization=group["normalization"], dtype=group["ns_dtype"],
-                method=group["ns_method"], backend=group["ns_backend"],
-            )
+                method=group["ns_method"], backend=group["ns_backend"])
 
-        # Same-shape matrices are one batched iteration; under DDP/FSDP2 each rank
-        # orthogonalises only the matrices it owns (see _distributed).
-        if not hasattr(self, "_dist"):  # unpickled: the process group is not pickled
-            self._process_group = None
-            self._dist = resolve_context("Muon", [q for g in self.param_groups
-                                                  for q in g["params"]], None)
-        ortho = distributed_orthogonalize(self._dist, list(dirs), views, shapes, orth,
-                                          comm_dtype=group["ns_dtype"])
-        state_keys = params
-        params = [local_tensor(p) for p in params]
-
-        updates: list[Tensor] = []
-        for i, p in enumerate(params):
-            O = ortho[i]
-            if group["normuon"]:
-                O = self._normuon(group, self.state[state_keys[i]]["normuon_v"],
-                                  O.reshape(views[i]))
-            _, m, n = views[i]
-            updates.append(O.reshape(p.shape).mul(lr * muon_update_scale(m, n, group["adjust_lr"])))
-
-        if wd != 0.0:
-            if group["cautious_wd"]:
-                for p, u in zip(params, updates):
-                    # decay only where the update pushes the weight toward zero
-                    p.sub_(p * (u * p > 0), alpha=lr * wd)
-            else:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_sub_(params, updates)
-
-    @staticmethod
-    def _normuon(group: dict[str, Any], v: Tensor, O: Tensor) -> Tensor:
-        beta2 = float(group["normuon_beta2"])
-        Of = O.float()
-        v.lerp_(Of.square().mean(dim=-1).to(v.dtype), 1.0 - beta2)
-        normed = Of / (v.float().unsqueeze(-1).sqrt() + 1e-8)
-        # keep each matrix's Frobenius norm: NorMuon changes the direction only
-        ratio = (Of.norm(dim=(-2, -1), keepdim=True)
-                 / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
-        return (normed * ratio).to(O.dtype)
+        muon_(params, [g.to(b.dtype) for g, b in zip(grads, bufs)], bufs, views=views, lr=lr,
+              weight_decay=wd, mu=float(group["momentum"]), nesterov=group["nesterov"],
+              scales=[muon_update_scale(m, n, group["adjust_lr"]) for _, m, n in views],
+              orthogonalize=lambda dirs: self._strategy.orthogonalize(
+                  dirs, views, [p.shape for p in keys], orth, comm_dtype=group["ns_dtype"]),
+              cautious_wd=group["cautious_wd"],
+              row_stats=[s["normuon_v"] for s in states] if group["normuon"] else None,
+              normuon_beta2=float(group["normuon_beta2"]), flags=flags)
+        if not native:
+            for s, b in zip(states, bufs):
+                store_moment(s, "momentum_buffer", b, sd, signed=True)

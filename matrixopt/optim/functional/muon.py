@@ -96,7 +96,8 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
     r"""One Muon step in place (``grads`` read, never written).
 
     Args:
-        params, grads, bufs: local parameters, (safe) gradients and momentum buffers.
+        params: local parameters, updated in their own dtype.
+        grads, bufs: (safe) gradients and momentum buffers, both in the buffers' dtype.
         views: ``(b, m, n)`` of each parameter as a batch of matrices.
         scales: :func:`muon_update_scale` of each parameter's ``(m, n)``.
         orthogonalize: maps the directions (parameter-shaped) to their
@@ -107,6 +108,8 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
     if not params:
         return
     dirs = momentum_(bufs, grads, mu, nesterov, flags)
+    # a momentum kept in another precision (state_dtype) steers in the parameter's
+    dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, params)]
     ortho = orthogonalize(dirs)
     if row_stats is not None:
         shaped = normuon_(row_stats, [O.reshape(v) for O, v in zip(ortho, views)],
