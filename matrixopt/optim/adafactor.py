@@ -44,20 +44,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
-from ._distributed import (
-    DistContext,
-    all_reduce_sum,
-    gathered_params,
-    has_dtensors,
-    local_tensor,
-    resolve_context,
-)
+from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad
+from ._dist import resolve_strategy
+from ._distributed import local_tensor
+from ._nonfinite import StepFlags
 from ._state import (
     check_state_dtype,
     compute_dtype,
@@ -66,6 +61,7 @@ from ._state import (
     load_moment,
     store_moment,
 )
+from .functional.adafactor import adafactor_, factored_dims, stat_dtype, step_sizes
 
 __all__ = [
     "Adafactor",
@@ -74,8 +70,8 @@ __all__ = [
     "adafactor_precondition_",
     "clip_factors",
     "param_scale",
-    "relative_step_size",
-    "beta2_schedule",
+    "adafactor_states_",
+    "check_adafactor_group",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -84,30 +80,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------
 # math as functions (shared with GaLoreAdafactor)
 # ----------------------------------------------------------------------------
-def factored_dims(shape: Sequence[int], min_dim_size_to_factor: int = 1
-                  ) -> tuple[int, int] | None:
-    """The dims ``(row_dim, col_dim)`` (``row_dim < col_dim``) Adafactor factors over.
-
-    The two largest dims, ties going to the earlier dim, so a conv weight
-    ``[out, in, kh, kw]`` is factored over ``out`` and ``in`` (not over the
-    kernel dims, as torch.optim.Adafactor does). ``None`` (keep the full second
-    moment) for tensors with fewer than 2 dims or whose second largest dim is
-    below ``min_dim_size_to_factor``.
-    """
-    if len(shape) < 2:
-        return None
-    order = sorted(range(len(shape)), key=lambda d: (-int(shape[d]), d))
-    a, b = order[0], order[1]
-    if int(shape[b]) < min_dim_size_to_factor:
-        return None
-    return (a, b) if a < b else (b, a)
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the second-moment statistics: at least float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, int] | None,
                          beta1: float | None, momentum_dtype: torch.dtype | None,
                          state_dtype: str | None = None) -> None:
@@ -136,24 +108,6 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
     elif beta1 is not None:
         state["exp_avg"] = torch.zeros(like.shape, dtype=momentum_dtype or like.dtype,
                                        device=like.device)
-
-
-def beta2_schedule(t: float, decay_rate: float, beta2_cap: float | None) -> float:
-    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``)."""
-    b = 1.0 - t ** decay_rate
-    return b if beta2_cap is None else min(b, beta2_cap)
-
-
-def relative_step_size(t: float, lr: float | None, relative_step: bool, warmup_init: bool
-                       ) -> float:
-    r""":math:`\rho_t`: ``lr`` (fixed step) or the relative step
-    :math:`\min(\text{lr or } 10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
-    ``warmup_init``)."""
-    if not relative_step:
-        assert lr is not None
-        return lr
-    cap = 1e-6 * t if warmup_init else (1e-2 if lr is None else lr)
-    return min(cap, 1.0 / math.sqrt(t))
 
 
 def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
@@ -315,52 +269,57 @@ class Adafactor(MatrixOptimizer):
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
+        self._resolve_strategy()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if "_strategy" in self.__dict__:  # after construction: re-check the parallelism
+            self._resolve_strategy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_strategy" not in self.__dict__:  # unpickled / deep-copied
+            self._resolve_strategy()
+
+    def _resolve_strategy(self) -> None:
+        self._strategy = resolve_strategy(
+            "Adafactor", [p for g in self.param_groups for p in g["params"]], None)
+        if self._strategy.sharded:
+            for i, g in enumerate(self.param_groups):
+                if g["state_dtype"] == "int8" and g["beta1"] is not None:
+                    raise GroupError(
+                        f"Adafactor: param_groups[{i}]: state_dtype='int8' is not supported "
+                        f"with FSDP2 (DTensor) parameters (its blocks would straddle the "
+                        f"shards); use 'bf16', 'fp32' or None")
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
         check_adafactor_group(check)
 
     # -------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
-        loss = closure_loss(closure)
-        if has_dtensors(self):
-            if any(g["state_dtype"] is not None for g in self.param_groups):
-                # quantised/converted momentum storage is not sharded yet: whole-matrix
-                # fallback (see _distributed.gathered_params)
-                with gathered_params(self, "Adafactor"):
-                    self.step()
-            else:
-                self._sharded_step()
-            return loss
-        self._raise_on_nonfinite()
-        for index, group in enumerate(self.param_groups):
-            params, grads, dims = self._collect(index, group, sharded=False)
-            if params:
-                states = [self.state[p] for p in params]
-                guard = SkipNonFinite(group, params, grads, self.state)
-                adafactor_update_(params, guard.grads, states, dims, group)
-                guard.finish()
-        return loss
+    def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        strategy = self._strategy
+        dims = self._init_states(index, group, params)
+        states = [self.state[p] for p in params]
+        local = [strategy.local(p) for p in params]
+        flags = self._flags(group, [strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
+        grads = flags.safe([strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
+        adafactor_states_(local, grads, states, dims, group, flags, strategy.reduce,
+                          [p.shape for p in params])
+        flags.count_(states, [p.device for p in local])
 
-    def _collect(self, index: int, group: dict[str, Any], *, sharded: bool
-                 ) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int] | None]]:
-        """The group's parameters with a gradient, their gradients and factored dims;
-        creates missing state (as DTensors when ``sharded``)."""
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
+    def _init_states(self, index: int, group: dict[str, Any], params: list[Tensor]
+                     ) -> list[tuple[int, int] | None]:
+        """Factored dims per parameter; creates missing state (DTensors when sharded)."""
         dims: list[tuple[int, int] | None] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grads.append(check_grad(p, "Adafactor", index))
-            params.append(p)
+        for p in params:
+            check_grad(p, "Adafactor", index)
             d = factored_dims(p.shape, group["min_dim_size_to_factor"])
             state = self.state[p]
             if "step" not in state:
-                if sharded:
-                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])
+                if self._strategy.sharded:
+                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"],
+                                        group["state_dtype"])
                 else:
                     init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"],
                                          group["state_dtype"])
@@ -370,43 +329,53 @@ class Adafactor(MatrixOptimizer):
                     f"{tuple(p.shape)} was created {'with' if d is None else 'without'} "
                     f"factoring; min_dim_size_to_factor cannot change during training")
             dims.append(d)
-        return params, grads, dims
+        return dims
 
 
-    def _sharded_step(self) -> None:
-        r"""FSDP2 step on local shards (parameters ``Shard(0)`` on a 1-D mesh).
+def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                      dims: list[tuple[int, int] | None], group: dict[str, Any],
+                      flags: StepFlags, reduce: Callable[[Tensor], Tensor] | None = None,
+                      full_shapes: Sequence[Sequence[int]] | None = None) -> None:
+    """:func:`~matrixopt.optim.functional.adafactor_` on local parameters whose state lives
+    in ``states`` (any ``state_dtype`` of the momentum; group hyperparameters from
+    ``group``). Shared by :class:`Adafactor` and GaLoreAdafactor's unprojected tensors."""
+    beta2s, rhos = step_sizes(
+        [s["step"] for s in states], lr=_float(group["lr"]),
+        decay_rate=float(group["decay_rate"]), beta2_cap=_float(group["beta2_cap"]),
+        relative_step=group["relative_step"], warmup_init=group["warmup_init"])
+    sd, beta1 = group["state_dtype"], group["beta1"]
+    # a quantised / converted momentum steps through a transient float32 copy
+    moms: list[Tensor | None] = [None] * len(params)
+    stored: list[int] = []
+    for i, (s, p) in enumerate(zip(states, params)):
+        if beta1 is None:
+            continue
+        if is_native(s, "exp_avg", s["exp_avg"], sd):
+            moms[i] = local_tensor(s["exp_avg"])
+        else:
+            moms[i] = load_moment(s, "exp_avg", compute_dtype(p), signed=True)
+            stored.append(i)
 
-        The statistics are kept where they are computed: ``exp_avg_sq_row``
-        (reduced over ``col_dim`` ≥ 1) is always local to the rows this rank
-        holds and stays ``Shard(0)``, like the full ``exp_avg_sq`` and the
-        momentum. What spans dim 0 is summed over the mesh with one
-        ``all_reduce`` of a small buffer per parameter: when ``row_dim == 0``
-        the column sums :math:`\sum_{rows} G^2` (``n`` numbers; the column
-        statistic is then ``Replicate``, identical on every rank) and the sums
-        :math:`\sum_{rows} R` for :math:`\operatorname{mean}(R)`; with
-        ``scale_parameter`` the parameter's :math:`\|W\|^2`. The update clipping
-        needs :math:`\|U\|^2`, one more scalar ``all_reduce``. Means divide by the
-        global sizes, so the step equals the single-process one up to the
-        order of floating-point sums. State tensors are DTensors, so
-        :mod:`torch.distributed.checkpoint` saves and reshards them.
-        """
-        self._raise_on_nonfinite()
-        ctx = resolve_context("Adafactor", [p for g in self.param_groups for p in g["params"]],
-                              None)
-        assert ctx is not None
-        for index, group in enumerate(self.param_groups):
-            params, grads, dims = self._collect(index, group, sharded=True)
-            if params:
-                states = [self.state[p] for p in params]
-                guard = SkipNonFinite(group, params, grads, self.state)
-                _sharded_update_(ctx, params, guard.grads, states, dims, group)
-                guard.finish()
+    def get(key: str) -> list[Tensor | None]:
+        return [local_tensor(s[key]) if key in s else None for s in states]
+
+    adafactor_(params, grads, get("exp_avg_sq_row"), get("exp_avg_sq_col"), get("exp_avg_sq"),
+               moms, dims, beta2s=beta2s, rhos=rhos, eps1=float(group["eps"][0]),
+               eps2=float(group["eps"][1]), clip_threshold=_float(group["clip_threshold"]),
+               weight_decay=float(group["weight_decay"]),
+               beta1=None if beta1 is None else float(beta1),
+               scale_parameter=group["scale_parameter"], full_shapes=full_shapes, reduce=reduce,
+               flags=flags)
+    for i in stored:
+        store_moment(states[i], "exp_avg", moms[i], sd, signed=True)  # type: ignore[arg-type]
 
 
 def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | None,
-                        beta1: float | None, momentum_dtype: torch.dtype | None) -> None:
+                        beta1: float | None, momentum_dtype: torch.dtype | None,
+                        state_dtype: str | None) -> None:
     """:func:`init_adafactor_state` for a ``Shard(0)`` DTensor parameter: the same keys and
-    global shapes, as DTensors (``exp_avg_sq_col`` replicated when it spans dim 0)."""
+    global shapes, as DTensors (``exp_avg_sq_col`` replicated when it spans dim 0), so
+    :mod:`torch.distributed.checkpoint` saves and reshards them."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor import zeros as dzeros
     mesh = p.device_mesh  # type: ignore[attr-defined]
@@ -426,74 +395,9 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         state["exp_avg_sq"] = dzeros(list(p.shape), dtype=sd, device_mesh=mesh,
                                      placements=[Shard(0)])
     if beta1 is not None:
-        state["exp_avg"] = torch.zeros_like(p, dtype=momentum_dtype or p.dtype)
-
-
-def _sharded_update_(ctx: DistContext, params: list[Tensor], grads: list[Tensor],
-                     states: list[dict[str, Any]], dims: list[tuple[int, int] | None],
-                     group: dict[str, Any]) -> None:
-    """:func:`adafactor_update_` on the local shards of ``Shard(0)`` DTensors (see
-    :meth:`Adafactor._sharded_step` for what is reduced over ``ctx``'s process group)."""
-    beta2s, rhos = step_sizes([s["step"] for s in states], group)
-    eps1, eps2 = float(group["eps"][0]), float(group["eps"][1])
-    threshold = _float(group["clip_threshold"])
-    wd = float(group["weight_decay"])
-    beta1 = group["beta1"]
-    scale = bool(group["scale_parameter"])
-    for P, G, st, d, b2, rho in zip(params, grads, states, dims, beta2s, rhos):
-        p, g = local_tensor(P), local_tensor(G)
-        low = p.dtype in _LOW_PRECISION
-        w = p.float() if low else p
-        shape = P.shape
-        wgt = 1.0 - b2
-        parts: list[Tensor] = []
-        if d is not None:
-            row_dim, col_dim = d
-            r = local_tensor(st["exp_avg_sq_row"])
-            c = local_tensor(st["exp_avg_sq_col"])
-            gs = g.to(r.dtype)
-            sq = gs.square()
-            r.lerp_(sq.sum(dim=col_dim, keepdim=True).div_(shape[col_dim]).add_(eps1), wgt)
-            csum = sq.sum(dim=row_dim, keepdim=True)
-            del sq
-            rsum = r.sum(dim=row_dim, keepdim=True)
-            if row_dim == 0:  # both sums run over the sharded dim
-                parts += [csum.reshape(-1), rsum.reshape(-1)]
-        else:
-            v = local_tensor(st["exp_avg_sq"])
-            gs = g.to(v.dtype)
-        if scale:
-            parts.append(w.to(stat_dtype(p.dtype)).square().sum().reshape(1))
-        if parts:
-            buf = torch.cat([x.to(gs.dtype) for x in parts])
-            all_reduce_sum(buf, ctx)
-            if d is not None and d[0] == 0:
-                csum = buf[:csum.numel()].view_as(csum)
-                rsum = buf[csum.numel():csum.numel() + rsum.numel()].view_as(rsum)
-        if d is not None:
-            c.lerp_(csum.div(shape[d[0]]).add_(eps1), wgt)
-            r_factor = (r / rsum.div(shape[d[0]])).rsqrt_()
-            u = torch.mul(r_factor, c.rsqrt()).mul_(gs)
-        else:
-            v.lerp_(gs.square().add_(eps1), wgt)
-            u = v.rsqrt().mul_(gs)
-        alpha: Tensor | float = rho
-        if scale:
-            rms = buf[-1].sqrt().div(math.sqrt(max(1, P.numel()))).clamp_min(eps2)
-            alpha = rms * rho
-        coef: Tensor | float = alpha
-        if threshold is not None:
-            usq = u.square().sum().reshape(1)
-            all_reduce_sum(usq, ctx)
-            clip = usq[0].sqrt().div(threshold * math.sqrt(max(1, P.numel()))).clamp_min(1.0)
-            coef = clip.reciprocal() * alpha
-        if beta1 is not None:
-            (m,) = momentum_([local_tensor(st["exp_avg"])], [u.mul_(coef)], float(beta1))
-            apply_update_([w], [m.to(w.dtype)], [1.0], [alpha], wd)
-        else:
-            apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)
-        if low:
-            p.copy_(w)
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(state_dtype or "",
+                                                                momentum_dtype or p.dtype)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dt)
 
 
 def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:
@@ -523,57 +427,6 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check_state_dtype(check)
 
 
-def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Advance the CPU step counters; return (β̂₂ per tensor, ρ per tensor).
-
-    One ``tolist`` per group (the counters are CPU tensors: no device sync).
-    """
-    torch._foreach_add_(steps, 1.0)
-    ts = torch.stack(steps).tolist()
-    lr = _float(group["lr"])
-    decay, cap = float(group["decay_rate"]), _float(group["beta2_cap"])
-    beta2s = [beta2_schedule(t, decay, cap) for t in ts]
-    rhos = [relative_step_size(t, lr, group["relative_step"], group["warmup_init"]) for t in ts]
-    return beta2s, rhos
-
-
-def apply_update_(params: list[Tensor], updates: list[Tensor], coefs: Sequence[Tensor | float],
-                  alphas: Sequence[Tensor | float], weight_decay: float) -> None:
-    r""":math:`W \leftarrow W(1 - \lambda\alpha) - c\,U` in place, one pass per tensor for the
-    update.
-
-    ``coefs`` (:math:`c`) and ``alphas`` are 0-dim tensors or floats per tensor (each list
-    all tensors or all floats).
-    """
-    if weight_decay != 0.0:
-        if isinstance(alphas[0], Tensor):
-            factors = torch._foreach_mul(cast("list[Tensor]", alphas), -weight_decay)
-            torch._foreach_add_(factors, 1.0)
-            torch._foreach_mul_(params, [f.to(p.dtype) for f, p in zip(factors, params)])
-        else:
-            torch._foreach_mul_(params, [1.0 - weight_decay * a
-                                         for a in cast("list[float]", alphas)])
-    if isinstance(coefs[0], Tensor):
-        for p, u, c in zip(params, updates, cast("list[Tensor]", coefs)):
-            p.addcmul_(u, c.to(p.dtype), value=-1.0)
-    elif all(c == 1.0 for c in coefs):
-        torch._foreach_sub_(params, updates)
-    else:
-        for p, u, cf in zip(params, updates, cast("list[float]", coefs)):
-            p.add_(u, alpha=-cf)
-
-
-def scaled_alphas(params: list[Tensor], rhos: list[float], group: dict[str, Any]
-                  ) -> list[Tensor] | list[float]:
-    r""":math:`\alpha_t = \rho_t\max(\epsilon_2, \operatorname{RMS}(W))` (tensors) or
-    :math:`\rho_t` (floats)."""
-    if not group["scale_parameter"]:
-        return rhos
-    scales = param_scale(params, float(group["eps"][1]))
-    torch._foreach_mul_(scales, rhos)
-    return scales
-
-
 def momentum_state_(state: dict[str, Any], update: Tensor, beta1: float,
                     state_dtype: str | None) -> Tensor:
     """EMA of ``update`` into ``state["exp_avg"]`` in its storage format (see
@@ -593,35 +446,3 @@ def momentum_(exp_avgs: list[Tensor], updates: list[Tensor], beta1: float) -> li
                          1.0 - beta1)
     return exp_avgs
 
-
-def adafactor_update_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-                      dims: list[tuple[int, int] | None], group: dict[str, Any]) -> None:
-    """One Adafactor step for the given parameters of ``group`` (state created).
-
-    Parameters are processed one at a time so only one parameter's temporaries
-    are alive at once (peak memory ≈ two gradients, like torch.optim.Adafactor);
-    nothing in the loop synchronises with the host.
-    """
-    beta2s, rhos = step_sizes([s["step"] for s in states], group)
-    eps1, eps2 = float(group["eps"][0]), float(group["eps"][1])
-    threshold = _float(group["clip_threshold"])
-    wd = float(group["weight_decay"])
-    beta1 = group["beta1"]
-    for p, g, st, d, b2, rho in zip(params, grads, states, dims, beta2s, rhos):
-        (u,) = adafactor_precondition_([g], [st.get("exp_avg_sq_row")],
-                                       [st.get("exp_avg_sq_col")], [st.get("exp_avg_sq")],
-                                       [d], [b2], eps1)
-        clip = clip_factors([u], threshold)
-        # bf16/fp16 parameters are updated through a float32 copy (as Hugging Face)
-        low = p.dtype in _LOW_PRECISION
-        w = p.float() if low else p
-        alpha: Tensor | float = (param_scale([w], eps2)[0] * rho if group["scale_parameter"]
-                                 else rho)
-        coef = alpha if clip is None else clip[0] * alpha
-        if beta1 is not None:
-            buf = momentum_state_(st, u.mul_(coef), float(beta1), group["state_dtype"])
-            apply_update_([w], [buf.to(w.dtype)], [1.0], [alpha], wd)
-        else:
-            apply_update_([w], [u.to(w.dtype)], [coef], [alpha], wd)
-        if low:
-            p.copy_(w)

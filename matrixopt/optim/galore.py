@@ -113,16 +113,19 @@ from ._state import (
     zero_moment,
 )
 from .adafactor import (
+    _float as _float_or_none,
+)
+from .adafactor import (
     adafactor_precondition_,
-    adafactor_update_,
+    adafactor_states_,
     check_adafactor_group,
     clip_factors,
     factored_dims,
     init_adafactor_state,
     momentum_state_,
     param_scale,
-    step_sizes,
 )
+from .functional.adafactor import step_sizes
 from .functional.adam import adam_direction, adam_moments_
 
 __all__ = ["GaLoreAdamW", "GaLoreAdafactor", "PROJ_TYPES", "PROJECTORS", "ON_REFRESH",
@@ -950,7 +953,8 @@ class GaLoreAdafactor(_GaLoreBase):
             if "step" not in self.state[p]:
                 init_adafactor_state(self.state[p], p, d, group["beta1"], group["momentum_dtype"],
                                      group["state_dtype"])
-        adafactor_update_(params, grads, [self.state[p] for p in params], dims, group)
+        adafactor_states_(params, grads, [self.state[p] for p in params], dims, group,
+                          StepFlags.off())
 
     @staticmethod
     def _factored(group: dict[str, Any], shape: tuple[int, ...]) -> bool:
@@ -965,7 +969,10 @@ class GaLoreAdafactor(_GaLoreBase):
     def _inner_direction(self, group: dict[str, Any], items: list[_Item], Rs: list[Tensor]
                          ) -> tuple[list[Tensor], list[Any], list[Any]]:
         sts = [it.state for it in items]
-        beta2s, rhos = step_sizes([s["step"] for s in sts], group)
+        beta2s, rhos = step_sizes(
+            [s["step"] for s in sts], lr=_float_or_none(group["lr"]),
+            decay_rate=float(group["decay_rate"]), beta2_cap=_float_or_none(group["beta2_cap"]),
+            relative_step=group["relative_step"], warmup_init=group["warmup_init"])
 
         def w(s: dict[str, Any], k: str) -> Tensor | None:
             return self._w(s[k]) if k in s else None

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .._nonfinite import StepFlags
-from .adam import step_value
+from .adam import step_values
 
 __all__ = ["factored_dims", "beta2_schedule", "relative_step_size", "step_sizes",
            "adafactor_", "stat_dtype"]
@@ -101,7 +101,7 @@ def step_sizes(steps: list[Tensor], *, lr: float | None, decay_rate: float,
     """Advance the CPU step counters by one; return (β̂₂, ρ) per tensor (floats eagerly,
     0-dim tensors while compiling)."""
     torch._foreach_add_(steps, 1.0)
-    ts = [step_value(s) for s in steps]
+    ts = step_values(steps)
     return ([beta2_schedule(t, decay_rate, beta2_cap) for t in ts],
             [relative_step_size(t, lr, relative_step, warmup_init) for t in ts])
 
@@ -176,6 +176,9 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
             assert v is not None
             one.lerp_([v], [gs.square().add_(eps1)], w)
             u = v.rsqrt().mul_(gs)
+        if one.active:
+            # a skipped tensor's statistics may still be zero (skipped first step): 0/0
+            u = one.select(0, u, torch.zeros((), dtype=u.dtype, device=u.device))
         # 3. step size α, clipping, decay, update
         alpha: Any = rhos[i]
         if scale_parameter:

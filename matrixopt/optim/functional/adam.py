@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .._nonfinite import StepFlags
 
-__all__ = ["step_value", "bias_corrections", "adam_moments_", "adam_direction", "adamw_"]
+__all__ = ["step_value", "step_values", "bias_corrections", "adam_moments_", "adam_direction", "adamw_"]
 
 _OFF = StepFlags.off()
 
@@ -52,10 +52,17 @@ def step_value(step: Tensor) -> Any:
     return float(step.item())
 
 
+def step_values(steps: Sequence[Tensor]) -> list[Any]:
+    """:func:`step_value` of every counter; eagerly one read for the whole list."""
+    if torch.compiler.is_compiling():
+        return list(steps)
+    return torch.stack(list(steps)).tolist() if steps else []
+
+
 def bias_corrections(steps: Sequence[Tensor], beta1: float, beta2: float
                      ) -> tuple[list[Any], list[Any]]:
     r""":math:`(1-\beta_1^t, 1-\beta_2^t)` per counter (floats, or tensors while compiling)."""
-    ts = [step_value(s) for s in steps]
+    ts = step_values(steps)
     return [1.0 - beta1 ** t for t in ts], [1.0 - beta2 ** t for t in ts]
 
 
