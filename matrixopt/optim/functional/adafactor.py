@@ -46,7 +46,7 @@ from .._nonfinite import StepFlags
 from .adam import step_values
 
 __all__ = ["factored_dims", "beta2_schedule", "relative_step_size", "step_sizes",
-           "adafactor_", "stat_dtype"]
+           "adafactor_", "precondition_", "clip_coef", "apply_", "stat_dtype"]
 
 _LOW = (torch.float16, torch.bfloat16)
 _OFF = StepFlags.off()
@@ -110,6 +110,74 @@ def _sum(x: Tensor, reduce: Reduce | None) -> Tensor:
     return x if reduce is None else reduce(x)
 
 
+def precondition_(g: Tensor, row: Tensor | None, col: Tensor | None, sq: Tensor | None,
+                  dims: tuple[int, int] | None, *, beta2: Any, eps1: float,
+                  shape: Sequence[int] | None = None, reduce: Reduce | None = None,
+                  extra: Tensor | None = None, flags: StepFlags = _OFF
+                  ) -> tuple[Tensor, Tensor | None]:
+    r"""Update one tensor's second-moment statistics in place and return
+    :math:`U = G/\sqrt{\hat V}` (a new tensor, zero where ``flags`` skip it).
+
+    ``g`` may be the local rows of a tensor of ``shape`` sharded over dim 0, with
+    ``reduce`` summing over the shards; then the sums that span the rows, and
+    ``extra`` (a 1-D tensor of the caller's partial sums, e.g. :math:`\|W\|^2`),
+    go through one ``reduce`` call. Returns ``(U, extra summed over the shards)``.
+    """
+    shape = tuple(shape) if shape is not None else tuple(g.shape)
+    w = 1.0 - beta2
+    pieces: list[Tensor] = []
+    spans = False
+    if dims is not None:
+        row_dim, col_dim = dims
+        assert row is not None and col is not None
+        gs = g.to(row.dtype)
+        # G² once, then two sums: vector_norm along a non-last dim is a strided
+        # reduction, ~40x slower on CPU than this
+        g2 = gs.square()
+        flags.lerp_([row], [g2.sum(dim=col_dim, keepdim=True).div_(shape[col_dim]).add_(eps1)], w)
+        col_sum = g2.sum(dim=row_dim, keepdim=True)
+        del g2
+        spans = reduce is not None and row_dim == 0
+        if spans:  # column sums and the sum of R run over the shards
+            pieces += [col_sum.reshape(-1), row.sum(dim=row_dim, keepdim=True).reshape(-1)]
+    else:
+        assert sq is not None
+        gs = g.to(sq.dtype)
+    if extra is not None:
+        pieces.append(extra.to(gs.dtype))
+    if reduce is not None and pieces:
+        pieces = list(reduce(torch.cat(pieces)).split([x.numel() for x in pieces]))
+    if dims is not None:
+        assert row is not None and col is not None
+        row_dim, _ = dims
+        if spans:
+            col_sum = pieces[0].view_as(col_sum)
+            mean_r = pieces[1].view(row.sum(dim=row_dim, keepdim=True).shape) / shape[row_dim]
+        else:
+            mean_r = row.mean(dim=row_dim, keepdim=True)
+        flags.lerp_([col], [col_sum.div(shape[row_dim]).add_(eps1)], w)
+        # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice
+        u = torch.mul((row / mean_r).rsqrt_(), col.rsqrt()).mul_(gs)
+    else:
+        assert sq is not None
+        flags.lerp_([sq], [gs.square().add_(eps1)], w)
+        u = sq.rsqrt().mul_(gs)
+    if flags.active:
+        # a skipped tensor's statistics may still be zero (skipped first step): 0/0
+        u = flags.select(0, u, torch.zeros((), dtype=u.dtype, device=u.device))
+    return u, (pieces[-1] if extra is not None else None)
+
+
+def clip_coef(u: Tensor, threshold: float | None, numel: int, reduce: Reduce | None = None
+              ) -> Tensor | None:
+    r""":math:`1/\max(1, \operatorname{RMS}(U)/d)` as a 0-dim tensor (``None`` when clipping
+    is off); ``numel`` of the whole tensor, ``reduce`` for a sharded ``u``."""
+    if threshold is None:
+        return None
+    usq = _sum(u.square().sum().reshape(1), reduce)[0]
+    return usq.sqrt().div(threshold * math.sqrt(max(1, numel))).clamp_min(1.0).reciprocal()
+
+
 def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | None],
                cols: list[Tensor | None], sqs: list[Tensor | None],
                momenta: list[Tensor | None], dims: list[tuple[int, int] | None], *,
@@ -132,77 +200,39 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
     for i, (p, g) in enumerate(zip(params, grads)):
         shape = tuple(full_shapes[i]) if full_shapes is not None else tuple(p.shape)
         numel = max(1, math.prod(shape))
-        d, one, w = dims[i], flags.subset([i]), 1.0 - beta2s[i]
-        low = p.dtype in _LOW
-        wp = p.float() if low else p
-        # 1. what is local, and the sums that span the shards (one collective)
-        spans = False
-        pieces: list[Tensor] = []
-        r, c, v = rows[i], cols[i], sqs[i]
-        if d is not None:
-            row_dim, col_dim = d
-            assert r is not None and c is not None
-            gs = g.to(r.dtype)
-            # G² once, then two sums: vector_norm along a non-last dim is a strided
-            # reduction, ~40x slower on CPU than this
-            sq = gs.square()
-            one.lerp_([r], [sq.sum(dim=col_dim, keepdim=True).div_(shape[col_dim]).add_(eps1)], w)
-            col_sum = sq.sum(dim=row_dim, keepdim=True)
-            del sq
-            spans = reduce is not None and row_dim == 0
-            if spans:
-                pieces += [col_sum.reshape(-1), r.sum(dim=row_dim, keepdim=True).reshape(-1)]
-        else:
-            assert v is not None
-            gs = g.to(v.dtype)
-        if scale_parameter:
-            pieces.append(wp.to(gs.dtype).square().sum().reshape(1))
-        if reduce is not None and pieces:
-            buf = reduce(torch.cat(pieces))
-            pieces = list(buf.split([x.numel() for x in pieces]))
-        # 2. the preconditioned gradient U
-        if d is not None:
-            assert r is not None and c is not None
-            row_dim, _ = d
-            if spans:
-                col_sum = pieces[0].view_as(col_sum)
-                mean_r = pieces[1].view(r.sum(dim=row_dim, keepdim=True).shape) / shape[row_dim]
-            else:
-                mean_r = r.mean(dim=row_dim, keepdim=True)
-            one.lerp_([c], [col_sum.div(shape[row_dim]).add_(eps1)], w)
-            # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice
-            u = torch.mul((r / mean_r).rsqrt_(), c.rsqrt()).mul_(gs)
-        else:
-            assert v is not None
-            one.lerp_([v], [gs.square().add_(eps1)], w)
-            u = v.rsqrt().mul_(gs)
-        if one.active:
-            # a skipped tensor's statistics may still be zero (skipped first step): 0/0
-            u = one.select(0, u, torch.zeros((), dtype=u.dtype, device=u.device))
-        # 3. step size α, clipping, decay, update
+        one = flags.subset([i])
+        wp = p.float() if p.dtype in _LOW else p
+        sd = stat_dtype(p.dtype)
+        wsq = wp.to(sd).square().sum().reshape(1) if scale_parameter else None
+        u, wsq = precondition_(g, rows[i], cols[i], sqs[i], dims[i], beta2=beta2s[i], eps1=eps1,
+                               shape=shape, reduce=reduce, extra=wsq, flags=one)
         alpha: Any = rhos[i]
-        if scale_parameter:
-            alpha = pieces[-1][0].sqrt().div(math.sqrt(numel)).clamp_min(eps2) * alpha
-        coef: Any = alpha
-        if clip_threshold is not None:
-            usq = _sum(u.square().sum().reshape(1), reduce)[0]
-            coef = usq.sqrt().div(clip_threshold * math.sqrt(numel)).clamp_min(1.0) \
-                .reciprocal() * alpha
-        if weight_decay != 0.0:
-            if isinstance(alpha, Tensor):
-                wp.mul_(one.weight(0, (alpha * -weight_decay + 1.0).to(wp.dtype), 1.0))
-            else:
-                one.mul_([wp], 1.0 - weight_decay * alpha)
-        if beta1 is not None:
-            m = momenta[i]
-            assert m is not None
-            one.lerp_([m], [u.mul_(coef).to(m.dtype)], 1.0 - beta1)
-            wp.sub_(one.select(0, m.to(wp.dtype), torch.zeros((), dtype=wp.dtype,
-                                                               device=wp.device)))
-        elif isinstance(coef, Tensor) or one.active:
-            step = one.weight(0, torch.as_tensor(coef, device=wp.device).to(wp.dtype), 0.0)
-            wp.addcmul_(u.to(wp.dtype), step, value=-1.0)
-        else:
-            wp.add_(u.to(wp.dtype), alpha=-coef)
-        if low:
+        if wsq is not None:
+            alpha = wsq[0].sqrt().div(math.sqrt(numel)).clamp_min(eps2) * alpha
+        clip = clip_coef(u, clip_threshold, numel, reduce)
+        coef: Any = alpha if clip is None else clip * alpha
+        apply_(wp, u, momenta[i], alpha=alpha, coef=coef, weight_decay=weight_decay,
+               beta1=beta1, flags=one)
+        if wp is not p:
             p.copy_(wp)
+
+
+def apply_(w: Tensor, u: Tensor, momentum: Tensor | None, *, alpha: Any, coef: Any,
+           weight_decay: float, beta1: float | None, flags: StepFlags = _OFF) -> None:
+    r""":math:`W \leftarrow W(1-\lambda\alpha) - M` with :math:`M = \beta_1 M + (1-\beta_1)
+    c\,U` (momentum) or :math:`M = c\,U`; ``flags`` (one entry) folded in."""
+    if weight_decay != 0.0:
+        if isinstance(alpha, Tensor):
+            w.mul_(flags.weight(0, (alpha * -weight_decay + 1.0).to(w.dtype), 1.0))
+        else:
+            flags.mul_([w], 1.0 - weight_decay * alpha)
+    if beta1 is not None:
+        assert momentum is not None
+        flags.lerp_([momentum], [u.mul_(coef).to(momentum.dtype)], 1.0 - beta1)
+        w.sub_(flags.select(0, momentum.to(w.dtype), torch.zeros((), dtype=w.dtype,
+                                                                  device=w.device)))
+    elif isinstance(coef, Tensor) or flags.active:
+        step = flags.weight(0, torch.as_tensor(coef, device=w.device).to(w.dtype), 0.0)
+        w.addcmul_(u.to(w.dtype), step, value=-1.0)
+    else:
+        w.add_(u.to(w.dtype), alpha=-coef)

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .._nonfinite import StepFlags
 
-__all__ = ["step_value", "step_values", "bias_corrections", "adam_moments_", "adam_direction", "adamw_"]
+__all__ = ["step_value", "step_values", "bias_corrections", "adam_moments_", "adam_direction",
+           "adamw_"]
 
 _OFF = StepFlags.off()
 
