@@ -425,7 +425,8 @@ def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:
 
 
 def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, method: str,
-                        previous: Tensor | None, seed: int, dtype: torch.dtype | None
+                        previous: Tensor | None, seed: int | torch.Generator,
+                        dtype: torch.dtype | None
                         ) -> Tensor:
     r""":func:`~matrixopt.linalg.projectors.lowrank_basis` with ``side="right"`` for a
     gradient sharded over its rows (FSDP2 ``Shard(0)``); replicated ``[b, n, rank]`` result.

@@ -113,9 +113,14 @@ class StepFlags:
         return [torch.where(f, torch.as_tensor(v, dtype=dt, device=f.device), off)
                 for f, v, dt in zip(self.ok, values, dts)]
 
-    def weight(self, i: int, value: Any, off: float) -> Any:
-        """:meth:`weights` of entry ``i`` alone."""
-        return value if self.ok is None else torch.where(self.ok[i], value, off)
+    def weight(self, i: int, value: Any, off: float, like: Tensor | None = None) -> Any:
+        """:meth:`weights` of entry ``i`` alone (float64 when ``like`` is)."""
+        if self.ok is None:
+            return value
+        dt = (_weight_dtype(like) if like is not None else
+              value.dtype if isinstance(value, Tensor) else torch.float32)
+        f = self.ok[i]
+        return torch.where(f, torch.as_tensor(value, dtype=dt, device=f.device), off)
 
     def select(self, i: int, new: Tensor, old: Tensor) -> Tensor:
         """``new`` where entry ``i`` is finite, else ``old`` (``new`` itself when off)."""

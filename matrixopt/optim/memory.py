@@ -115,8 +115,10 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
 
 
 def _group_workspace(opt: torch.optim.Optimizer, g: dict[str, Any]) -> dict[str, int]:
+    from ._views import matrix_view
     from .adafactor import Adafactor
-    from .galore import GaLoreAdafactor, _GaLoreBase
+    from .galore import GaLoreAdafactor
+    from .galore._base import GaLoreBase
     from .muon import Muon
 
     out: dict[str, int] = {}
@@ -137,13 +139,13 @@ def _group_workspace(opt: torch.optim.Optimizer, g: dict[str, Any]) -> dict[str,
                        if "momentum_buffer_absmax" in opt.state.get(p, {})), default=0)
             out["orthogonalisation"] = dirs + ortho + deq
         out.update(_adam_workspace(opt, rest))
-    elif isinstance(opt, _GaLoreBase):
+    elif isinstance(opt, GaLoreBase):
         proj = [p for p in params if g["rank"] is not None and p.ndim >= 2]
         rest = [p for p in params if not (g["rank"] is not None and p.ndim >= 2)]
         if proj:
             best_step = best_refresh = 0
             for p in proj:
-                b, m, n, _ = opt._view(g, p)
+                b, m, n, _ = matrix_view(p.shape, g["matrix_view"])
                 r, s, lng = min(int(g["rank"]), m, n), min(m, n), max(m, n)
                 # int8 / bf16 basis (state_dtype): its float32 copy while the step uses it
                 deq = (4 * r * (m + n if g["proj_type"] == "full" else s)

@@ -223,7 +223,7 @@ def apply_(w: Tensor, u: Tensor, momentum: Tensor | None, *, alpha: Any, coef: A
     c\,U` (momentum) or :math:`M = c\,U`; ``flags`` (one entry) folded in."""
     if weight_decay != 0.0:
         if isinstance(alpha, Tensor):
-            w.mul_(flags.weight(0, (alpha * -weight_decay + 1.0).to(w.dtype), 1.0))
+            w.mul_(flags.weight(0, (alpha * -weight_decay + 1.0).to(w.dtype), 1.0, w))
         else:
             flags.mul_([w], 1.0 - weight_decay * alpha)
     if beta1 is not None:
@@ -232,7 +232,7 @@ def apply_(w: Tensor, u: Tensor, momentum: Tensor | None, *, alpha: Any, coef: A
         w.sub_(flags.select(0, momentum.to(w.dtype), torch.zeros((), dtype=w.dtype,
                                                                   device=w.device)))
     elif isinstance(coef, Tensor) or flags.active:
-        step = flags.weight(0, torch.as_tensor(coef, device=w.device).to(w.dtype), 0.0)
+        step = flags.weight(0, torch.as_tensor(coef, device=w.device).to(w.dtype), 0.0, w)
         w.addcmul_(u.to(w.dtype), step, value=-1.0)
     else:
         w.add_(u.to(w.dtype), alpha=-coef)

@@ -1,0 +1,134 @@
+r"""GaLore's per-step update on local tensors: map back, residuals, decay and apply.
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection" (ICML 2024). Given a matrix (stack) :math:`W` ``[b, m, n]``, its
+gradient :math:`G`, the projected gradient :math:`R` and the inner optimizer's
+low-rank direction :math:`N` (Adam or Adafactor on :math:`R`):
+
+.. math::
+    W \leftarrow d\,W - c\,\alpha\,\big(\mathrm{back}(N) + \text{residual}\big)
+
+with :math:`d` the decay factor, :math:`c` the step multiplier and
+:math:`\alpha` = ``scale``. Residuals: ``"fira"`` (Chen et al. 2024) adds
+:math:`S = G - \mathrm{back}(R)` scaled per channel by the inner optimizer's
+gain :math:`\phi_j = \|N_{:,j}\|/\|R_{:,j}\|`; ``"apollo"`` (Zhu et al. 2025)
+replaces the update by :math:`G\,\mathrm{diag}(\phi)`. Both apply the norm-growth
+limiter :math:`\|S_t\| \le \gamma\|S_{t-1}\|`. A channel is a column of
+:math:`G` for a left basis and a row for a right basis.
+
+Everything here is pure tensor math on local tensors; the basis products are
+callables (``back``), so the same code serves one process and row shards.
+``flags`` folds the ``nonfinite="skip"`` policy into the writes (a skipped
+matrix gets :math:`d = 1`, :math:`c = 0` and keeps its limiter state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._nonfinite import StepFlags
+
+__all__ = ["channel_norms", "growth_factor", "galore_apply_"]
+
+_OFF = StepFlags.off()
+
+
+def channel_norms(X: Tensor, side: str, granularity: str) -> Tensor:
+    """Norms of ``X`` ``[b, m, n]`` over the projected dim per channel (``[b, 1, n]``
+    for a left basis, ``[b, m, 1]`` for a right one) or per matrix (``"tensor"``)."""
+    if granularity == "tensor" or side == "both":
+        return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if side == "right":
+        return torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+    # column norms: vector_norm along a non-last dim is a strided reduction, ~40x
+    # slower on CPU than squaring and summing
+    return X.square().sum(dim=-2, keepdim=True).sqrt_()
+
+
+def growth_factor(norm: Tensor, previous: Tensor, gamma: float | None) -> Tensor:
+    r"""Norm-growth limiter: the factor (``[b]``) keeping :math:`\|S_t\| \le
+    \gamma\|S_{t-1}\|`; 1 without a previous norm (first step), a zero norm, or
+    ``gamma=None``."""
+    if gamma is None:
+        return torch.ones_like(norm)
+    capped = (float(gamma) * previous / norm).clamp(max=1.0)
+    return torch.where((previous > 0) & (norm > 0), capped, torch.ones_like(norm))
+
+
+def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[int, int, int],
+                  side: str, back: Callable[[Tensor], Tensor], c: Any, d: Any, scale: float,
+                  residual: str | None = None, granularity: str = "channel",
+                  gamma: float | None = None, residual_norm: Tensor | None = None,
+                  basis: Tensor | None = None, flags: StepFlags = _OFF) -> None:
+    r""":math:`W \leftarrow d\,W - c\,\alpha(\mathrm{back}(N) [+ \text{residual}])` in place.
+
+    Args:
+        p: the local parameter (any shape with ``b·m·n`` entries).
+        G, R, N: gradient ``[b, m, n]`` (safe), projected gradient, low-rank direction.
+        shape3: ``(b, m, n)`` of ``p``'s local matrices.
+        side: ``"left"``, ``"right"`` or ``"both"``.
+        back: maps a low-rank tensor to ``[b, m, n]`` (the basis products).
+        c, d: step multiplier and decay factor (numbers or 0-dim tensors).
+        residual_norm: the limiter's previous norms ``[b]`` (updated in place).
+        basis: the basis when one GEMM can add ``P N`` / ``N Pᵀ`` into ``p`` directly
+            (same dtype, one side), else ``None`` (``back`` is used).
+        flags: one entry (this matrix).
+    """
+    b, m, n = shape3
+    p3 = p.view(b, m, n) if p.is_contiguous() else None
+    if isinstance(c, Tensor):
+        # a tensor multiplier (Adafactor's clipped step) is part of the direction: the
+        # residual gain and the limiter see c·N
+        N, c = N * c.to(N.dtype), 1.0
+    alpha = flags.weight(0, -c * scale, 0.0, N)
+    decay = flags.weight(0, d, 1.0, p)
+    gain = None
+    if residual is not None:
+        Rn = channel_norms(R, side, granularity)
+        gain = torch.where(Rn > 0, channel_norms(N, side, granularity) / Rn, torch.zeros_like(Rn))
+
+    def limited(norm: Tensor) -> Tensor:
+        assert residual_norm is not None
+        prev = residual_norm.to(norm.dtype)
+        factor = growth_factor(norm, prev, gamma)
+        residual_norm.copy_(flags.select(0, norm * factor, prev))
+        return factor.view(-1, 1, 1)
+
+    if not (isinstance(decay, float) and decay == 1.0):
+        p.mul_(decay if not isinstance(decay, Tensor) else decay.to(p.dtype))
+    if residual == "apollo":
+        assert gain is not None
+        Gd = G.to(N.dtype)
+        # ||G diag(s)|| from G's channel norms: the scaled gradient is never built
+        norm = torch.linalg.vector_norm(channel_norms(Gd, side, granularity) * gain, dim=(-2, -1))
+        s = gain * limited(norm) * alpha
+        if p3 is not None and p.dtype == Gd.dtype:
+            p3.addcmul_(Gd, s)
+        else:
+            p.add_((Gd * s).reshape(p.shape).to(p.dtype))
+        return
+    Ns = N * alpha  # the step folded into the small factor
+    if basis is not None and p3 is not None:
+        if side == "left":
+            p3.baddbmm_(basis.expand(b, -1, -1), Ns)
+        else:
+            p3.baddbmm_(Ns, basis.mT.expand(b, -1, -1))
+    else:
+        U = back(Ns)
+        if p3 is not None:
+            p3.add_(U)
+        else:
+            p.add_(U.reshape(p.shape).to(p.dtype))
+    if residual == "fira":
+        assert gain is not None
+        S = G.to(N.dtype) - back(R)
+        S.mul_(gain)
+        S.mul_(limited(torch.linalg.vector_norm(S, dim=(-2, -1))) * alpha)
+        if p3 is not None and p.dtype == S.dtype:
+            p3.add_(S)
+        else:
+            p.add_(S.reshape(p.shape).to(p.dtype))

@@ -1,0 +1,64 @@
+r"""GaLore: optimizer state in a low-rank gradient subspace (GaLoreAdamW, GaLoreAdafactor).
+
+Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection" (ICML 2024). For a matrix parameter :math:`W` (m×n) with gradient
+:math:`G`, keep a basis :math:`P` of rank :math:`r` on one side (``proj_type``),
+run the inner optimizer on the projected gradient and map its direction back:
+
+.. math::
+    R_t = P^\top G_t \ \text{(left)}\ \text{or}\ G_t P\ \text{(right)},\qquad
+    N_t = \psi(R_t)\ \text{(Adam or Adafactor on } R_t),\qquad
+    W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, P N_t \ \text{(or } N_t P^\top),
+
+with :math:`\alpha` = ``scale`` and :math:`P` refreshed every ``update_proj_gap``
+steps. Optimizer state per matrix: :math:`2 r \cdot \max(m, n)` moments plus the
+basis (:math:`r\cdot\min(m,n)`; nothing with ``projector="random"``), against
+:math:`2mn` for AdamW.
+
+What differs from galore-torch (the reference implementation):
+
+* **refresh** (``projector``): ``"warm"`` (default) is one block power step from
+  the previous basis plus a Rayleigh–Ritz rotation
+  (:func:`matrixopt.linalg.projectors.lowrank_basis`), a GEMM pair instead of a
+  full SVD; ``"rsvd"`` a randomized SVD; ``"svd"`` the exact SVD (galore-torch);
+  ``"random"`` a seeded Gaussian :math:`N(0, 1/r)` basis regenerated from the seed
+  at every step (Flora / APOLLO), so no basis is stored.
+* **moments follow the basis** (``on_refresh``): ``"transport"`` (default) maps
+  the moments with :math:`Q = P_{new}^\top P_{old}` (LDAdam, Robert et al., ICLR
+  2025); ``"reset"`` zeroes them and restarts bias correction; ``"keep"`` leaves
+  them unchanged (galore-torch, stale after a rotation).
+* **residual** (optional): ``"fira"`` (Chen et al. 2024) adds the part of the
+  gradient outside the subspace scaled per channel by the inner optimizer's own
+  gain; ``"apollo"`` (Zhu et al., MLSys 2025) replaces the update by the raw
+  gradient scaled per channel; both with the norm-growth limiter
+  (:func:`matrixopt.optim.functional.galore.galore_apply_`).
+* **staggered, batched refresh**: the matrices of each shape in a group are
+  spread over ``stagger`` refresh slots by their position in the group (so the
+  slots are the same under :class:`~matrixopt.optim.LayerwiseStepper`); matrices
+  of the same shape refreshing at the same step share one ``lowrank_basis`` call.
+* **the side comes from the full shape**, conv weights are projected as
+  ``out × in·kh·kw`` matrices and 3-D stacks ``[E, m, n]`` as ``E`` matrices
+  with ``E`` bases (``matrix_view``), ranks above ``min(m, n)`` are clipped.
+* **state is tensors only** with fixed keys (``step``, ``exp_avg``, ... ,
+  ``projector``, ``projector_right``, ``seed``, ``iteration``, ``refresh_step``,
+  ``refresh_offset``, ``residual_norm``); the four scalar counters are int64 CPU
+  tensors, as torch keeps ``step``.
+* **FSDP2** (``Shard(0)`` DTensor parameters): GaLoreAdamW matrices projected on
+  the right run on their row shards (``G P`` and the moments row-sharded, the
+  ``n × r`` basis replicated, the refresh by
+  :func:`~matrixopt.optim._distributed.sharded_right_basis` with small
+  all-reduces). Other configurations gather each such matrix (a warning says
+  so once; ``param_groups`` is never modified).
+
+Cost per step and matrix: two GEMMs of :math:`2mnr` flops (project, project
+back) plus elementwise work on :math:`r\cdot\max(m,n)` values; at a refresh
+(every ``update_proj_gap`` steps) about :math:`4mnr` flops and two QRs for
+``"warm"``.
+"""
+
+from ._base import ON_REFRESH, PROJ_TYPES, PROJECTORS, RESIDUALS
+from .adafactor import GaLoreAdafactor
+from .adamw import GaLoreAdamW
+
+__all__ = ["GaLoreAdamW", "GaLoreAdafactor", "PROJ_TYPES", "PROJECTORS", "ON_REFRESH",
+           "RESIDUALS"]

@@ -1,0 +1,210 @@
+r"""GaLoreAdafactor: Adafactor on the projected gradient.
+
+See :mod:`matrixopt.optim.galore` for the projection; the inner optimizer is the
+same Adafactor code as :class:`~matrixopt.optim.Adafactor`
+(:mod:`matrixopt.optim.functional.adafactor`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._common import _GroupChecker
+from .._nonfinite import StepFlags
+from .._state import compute_dtype, is_native, load_moment, store_moment, zero_moment
+from ..adafactor import (
+    _float,
+    _init_sharded_state,
+    adafactor_states_,
+    check_adafactor_group,
+    init_adafactor_state,
+)
+from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype, step_sizes
+from ._base import GaLoreBase, Item, galore_defaults
+
+__all__ = ["GaLoreAdafactor"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class GaLoreAdafactor(GaLoreBase):
+    r"""Adafactor (:class:`~matrixopt.optim.Adafactor`) on the projected gradient.
+
+    The projected gradient :math:`R` (r×n, m×r or r×r per matrix) goes through
+    the same functions as :class:`~matrixopt.optim.Adafactor`: factored second
+    moment over its two matrix dims (unless its short dim is below
+    ``min_dim_size_to_factor``), RMS clipping, relative step and parameter
+    scaling (with the RMS of the *full* parameter), optional momentum (kept in
+    the low-rank space), decoupled weight decay with the step size
+    :math:`\alpha_t`. The direction is mapped back and multiplied by ``scale``.
+
+    On refresh with ``on_refresh="transport"`` the momentum is rotated,
+    :math:`\tilde M = Q M`, and the second moment follows the same linear map as
+    LDAdam's variance term, :math:`\tilde V = (Q\circ Q) V`, which keeps the
+    factored form exactly: :math:`\tilde R = (Q\circ Q)R` on the projected side
+    and the other factor rescaled by :math:`\operatorname{mean}(\tilde R) /
+    \operatorname{mean}(R)` (Adafactor's momentum averages updates, not
+    gradients, so there is no :math:`m^2` correction). ``"reset"`` zeroes the
+    statistics and restarts the step count.
+
+    Args: Adafactor's (``lr``, ``eps``, ``clip_threshold``, ``decay_rate``,
+    ``beta1``, ``weight_decay``, ``scale_parameter``, ``relative_step``,
+    ``warmup_init``, ``min_dim_size_to_factor``, ``beta2_cap``,
+    ``momentum_dtype``; same defaults) and GaLore's (see :class:`GaLoreAdamW`).
+    Groups without ``rank`` are plain Adafactor.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float | None = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        min_dim_size_to_factor: int = 1,
+        beta2_cap: float | None = None,
+        momentum_dtype: torch.dtype | None = None,
+        state_dtype: str | None = None,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "warm",
+        on_refresh: str = "transport",
+        residual: str | None = None,
+        residual_granularity: str = "channel",
+        norm_growth_limit: float | None = 1.01,
+        stagger: int = 4,
+        seed: int = 0,
+        matrix_view: str = "auto",
+        proj_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter,
+            relative_step=relative_step, warmup_init=warmup_init,
+            min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
+            momentum_dtype=momentum_dtype,
+            **galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
+                               residual, residual_granularity, norm_growth_limit, stagger, seed,
+                               matrix_view, proj_dtype, nonfinite, state_dtype))
+        super().__init__(params, defaults)
+
+    def _check_inner(self, check: _GroupChecker) -> None:
+        check_adafactor_group(check)
+
+    def _plain_step(self, group: dict[str, Any], keys: list[Tensor], params: list[Tensor],
+                    grads: list[Tensor], flags: StepFlags) -> None:
+        dims = [factored_dims(k.shape, group["min_dim_size_to_factor"]) for k in keys]
+        for k, d in zip(keys, dims):
+            st = self.state[k]
+            if "step" not in st:
+                if self._strategy.sharded:
+                    _init_sharded_state(st, k, d, group["beta1"], group["momentum_dtype"],
+                                        group["state_dtype"])
+                else:
+                    init_adafactor_state(st, k, d, group["beta1"], group["momentum_dtype"],
+                                         group["state_dtype"])
+        adafactor_states_(params, grads, [self.state[k] for k in keys], dims, group, flags,
+                          self._strategy.reduce, [k.shape for k in keys])
+
+    @staticmethod
+    def _factored(group: dict[str, Any], shape: tuple[int, ...]) -> bool:
+        return min(shape[-2:]) >= int(group["min_dim_size_to_factor"])
+
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+        nd = like.ndim
+        dims = (nd - 2, nd - 1) if self._factored(group, tuple(like.shape)) else None
+        init_adafactor_state(state, like, dims, group["beta1"], group["momentum_dtype"],
+                             group["state_dtype"])
+
+    def _inner_direction(self, group: dict[str, Any], item: Item, R: Tensor, flags: StepFlags
+                         ) -> tuple[Tensor, Any, Any]:
+        st = item.state
+        (beta2,), (rho,) = step_sizes(
+            [st["step"]], lr=_float(group["lr"]), decay_rate=float(group["decay_rate"]),
+            beta2_cap=_float(group["beta2_cap"]), relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"])
+
+        def w(k: str) -> Tensor | None:
+            return self._w(st[k]) if k in st else None
+
+        factored = "exp_avg_sq_row" in st
+        u, _ = precondition_(R, w("exp_avg_sq_row"), w("exp_avg_sq_col"), w("exp_avg_sq"),
+                             (1, 2) if factored else None, beta2=beta2,
+                             eps1=float(group["eps"][0]), flags=flags)
+        clip = clip_coef(u, _float(group["clip_threshold"]), u.numel())
+        alpha: Any = rho
+        if group["scale_parameter"]:  # the RMS of the *full* parameter
+            p = item.p.float() if item.p.dtype in _HALF else item.p
+            rms = p.to(stat_dtype(p.dtype)).square().sum().sqrt().div(math.sqrt(max(1, p.numel())))
+            alpha = rms.clamp_min(float(group["eps"][1])) * rho
+        coef: Any = alpha if clip is None else clip * alpha
+        wd = float(group["weight_decay"])
+        decay = alpha * -wd + 1.0 if isinstance(alpha, Tensor) else 1.0 - wd * alpha
+        if group["beta1"] is not None:
+            sd = group["state_dtype"]
+            native = is_native(st, "exp_avg", st["exp_avg"], sd)
+            buf = self._w(st["exp_avg"]) if native else self._w(
+                load_moment(st, "exp_avg", compute_dtype(u), signed=True))
+            flags.lerp_([buf], [u.mul_(coef).to(buf.dtype)], 1.0 - float(group["beta1"]))
+            if not native:
+                store_moment(st, "exp_avg", self._st(buf, item), sd, signed=True)
+            return buf.to(u.dtype), 1.0, decay
+        return u, coef, decay
+
+    def _inner_transport(self, group: dict[str, Any], item: Item, Q: Any, flags: StepFlags
+                         ) -> None:
+        r"""Momentum :math:`\tilde M = Q M`; second moment :math:`\tilde V = (Q\circ Q) V`,
+        which keeps the factored form: :math:`\tilde R = (Q\circ Q) R` on the projected side
+        and the other factor rescaled by :math:`\operatorname{mean}(\tilde R) /
+        \operatorname{mean}(R)`. A skipped matrix keeps its state."""
+        st = item.state
+        if float(st["step"]) == 0:
+            return
+        QL, QR = (Q if item.side == "both" else
+                  (Q, None) if item.side == "left" else (None, Q))
+
+        def both(T: Tensor, L: Tensor | None, Rm: Tensor | None) -> Tensor:
+            if L is not None:
+                T = L.to(T.dtype) @ T
+            if Rm is not None:
+                T = T @ Rm.to(T.dtype).mT
+            return T
+
+        AL = QL * QL if QL is not None else None
+        AR = QR * QR if QR is not None else None
+        if "exp_avg" in st:
+            buf = self._w(load_moment(st, "exp_avg", torch.float32, signed=True))
+            store_moment(st, "exp_avg", self._st(flags.select(0, both(buf, QL, QR), buf), item),
+                         group["state_dtype"], signed=True)
+        if "exp_avg_sq_row" in st:
+            r = self._w(st["exp_avg_sq_row"])   # [b, r1, 1]
+            c = self._w(st["exp_avg_sq_col"])   # [b, 1, r2]
+            r_new = both(r, AL, None)
+            c_new = both(c, None, AR)
+            ratio = r_new.mean(dim=-2, keepdim=True) / r.mean(dim=-2, keepdim=True).clamp_min(1e-38)
+            st["exp_avg_sq_row"].copy_(self._st(flags.select(0, r_new, r), item))
+            st["exp_avg_sq_col"].copy_(self._st(flags.select(0, c_new * ratio, c), item))
+        else:
+            v = self._w(st["exp_avg_sq"])
+            st["exp_avg_sq"].copy_(self._st(flags.select(0, both(v, AL, AR), v), item))
+
+    def _inner_reset(self, group: dict[str, Any], item: Item, flags: StepFlags) -> None:
+        # not conditioned on the flags: the CPU step counter restarts with the statistics
+        for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"):
+            if k in item.state:
+                zero_moment(item.state, k, signed=True)
+        item.state["step"].zero_()
