@@ -153,6 +153,7 @@ def _job(rank: int, world: int, out: Path) -> None:
         res[name, "fsdp_placements"] = [
             {k: str(tuple(v.placements)) if isinstance(v, DTensor) else "plain"
              for k, v in opt.state[p].items()} for p in model.parameters()]
+        res[name, "fsdp_ndims"] = [p.ndim for p in model.parameters()]
     for name in NAMES:
         model = DDP(make_model())
         opt = make_opt(name, model)
@@ -239,13 +240,18 @@ def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
 
 @pytest.mark.parametrize("name", FALLBACK)
 def test_fallback_equals_single_process(results: tuple[dict, Path], name: str) -> None:
-    """What is not sharded yet runs on gathered whole matrices (replicated plain state)."""
+    """Projected matrices that do not run on shards yet use gathered whole matrices
+    (replicated plain state); unprojected parameters run on their shards (sharded state)."""
     res, _ = results
     model = make_model()
     opt = make_fallback_opt(name, model)
     losses = [train_step(model, opt, s) for s in range(STEPS)]
     assert res[name, "fsdp"] == pytest.approx(losses, rel=1e-5, abs=1e-6)
-    assert all(v == "plain" for d in res[name, "fsdp_placements"] for v in d.values())
+    for d, ndim in zip(res[name, "fsdp_placements"], res[name, "fsdp_ndims"]):
+        moments = {k: v for k, v in d.items() if k.startswith("exp_avg")}
+        assert moments
+        want = "plain" if ndim >= 2 else "(Shard(dim=0),)"
+        assert all(v == want for v in moments.values()), (ndim, d)
 
 
 def test_galore_fsdp_state_is_sharded(results: tuple[dict, Path]) -> None:
