@@ -18,7 +18,7 @@ from .._adamw import adamw_states_, init_adam_state
 from .._common import _GroupChecker
 from .._nonfinite import StepFlags
 from .._state import compute_dtype, load_moment, store_moment, zero_moment
-from ..functional.adam import adam_direction, adam_moments_, step_values
+from ..functional.adam import adam_direction, adam_moments_
 from ._base import GaLoreBase, Item, galore_defaults
 
 __all__ = ["GaLoreAdamW"]
@@ -181,7 +181,7 @@ class GaLoreAdamW(GaLoreBase):
         if float(step) == 0:  # a CPU counter: no device read
             return
         beta1, beta2 = (float(b) for b in group["betas"])
-        (t,) = step_values([step])
+        t = float(step)  # a CPU counter (refresh steps only): linalg takes numbers
         m0, v0 = self._moments(item, item.G)
         m, v = transport_moments(m0, v0, Q, item.side,  # type: ignore[arg-type]
                                  bias_correction1=1.0 - beta1 ** t,
