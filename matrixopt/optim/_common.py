@@ -248,9 +248,10 @@ class MatrixOptimizer(Optimizer):
         Order: the user's load pre-hooks (they may convert a foreign format), then
         :func:`matrixopt.optim.checkpoint.conform_state_dict` (rejects state the
         optimizer would not use, naming the parameter and key; converts Python
-        number counters; translates a ``torch.optim.Muon`` checkpoint's keys),
-        torch's loading, :func:`load_state_keeping_dtypes` (saved dtypes, CPU
-        counters), the group checks of construction, then the post-hooks.
+        number counters; translates a ``torch.optim.Muon`` checkpoint's keys; runs
+        the group checks of construction on the loaded hyperparameters), torch's
+        loading, :func:`load_state_keeping_dtypes` (saved dtypes, CPU counters),
+        then the post-hooks.
         """
         from .checkpoint import conform_state_dict
 
@@ -270,8 +271,6 @@ class MatrixOptimizer(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
-        for i, group in enumerate(self.param_groups):
-            self._check_group(_GroupChecker(group, i, type(self).__name__))
         for post_hook in post.values():
             post_hook(self)
 

@@ -16,7 +16,9 @@
   - rejects state the optimizer would never read: a value that is neither a
     tensor nor a convertible number, a key the parameter's update does not use
     (torch.optim.AdamW moments on a parameter Muon orthogonalises), a moment of
-    the wrong shape, an unknown group key. The message names the parameter
+    the wrong shape, an unknown group key, a hyperparameter the optimizer's
+    construction would reject (checked before anything is loaded). The message
+    names the parameter
     (``param_groups[i]['params'][j]``, its shape) and the key, and when the
     checkpoint is recognisably a peer's (torch.optim.AdamW/Adafactor,
     galore-torch, Hugging Face Adafactor, pytorch-optimizer), points to the
@@ -39,7 +41,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._common import _PASSTHROUGH_KEYS, CPU_COUNTERS, NONFINITE_COUNT, MatrixOptimizer
+from ._common import (
+    _PASSTHROUGH_KEYS,
+    CPU_COUNTERS,
+    NONFINITE_COUNT,
+    GroupError,
+    MatrixOptimizer,
+    _GroupChecker,
+)
 
 __all__ = ["CheckpointError", "conform_state_dict", "merge_state_dicts", "from_hf_adafactor",
            "from_torch_adafactor", "recognise_format"]
@@ -294,7 +303,15 @@ def conform_state_dict(opt: MatrixOptimizer, state_dict: dict[str, Any]) -> dict
                 f"does not use (its keys: {sorted(own)}){advice}")
         merged = {k: v for k, v in current.items() if k != "params"}
         merged.update(saved)
-        groups.append(merged)
+        # the checks of construction, before anything is loaded (they may normalise a
+        # value, e.g. Adafactor's lr=None)
+        trial = {**merged, "params": current["params"]}
+        try:
+            opt._check_group(_GroupChecker(trial, gi, type(opt).__name__))
+        except GroupError as e:
+            raise CheckpointError(f"{owner}: the checkpoint's hyperparameters: {e}{advice}"
+                                  ) from None
+        groups.append({k: v for k, v in trial.items() if k != "params"})
 
     params = [(gi, j, p) for gi, g in enumerate(opt.param_groups)
               for j, p in enumerate(g["params"])]

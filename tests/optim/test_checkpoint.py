@@ -649,3 +649,27 @@ def test_galore_adafactor_has_hf_get_lr():
     rms = ps[0].detach().square().mean().sqrt().item()
     assert lr == pytest.approx(1e-2 * max(1e-3, rms))
     assert math.isfinite(opt._get_lr(opt.param_groups[1], opt.state[ps[1]]))
+
+
+def test_bad_hyperparameter_in_checkpoint_is_rejected_before_loading():
+    ps = params(*SHAPES)
+    opt = Muon(ps)
+    run(opt, ps, 1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["momentum"] = 1.5
+    other = Muon(ps)
+    with pytest.raises(CheckpointError, match=r"param_groups\[0\]: momentum must be < 1.0"):
+        other.load_state_dict(sd)
+    assert not other.state and other.param_groups[0]["momentum"] == 0.95  # nothing loaded
+
+
+def test_old_adafactor_checkpoint_with_lr_none_loads_as_hf_rule():
+    ps = params(*SHAPES)
+    opt = Adafactor(ps, lr=None)
+    run(opt, ps, 1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = None  # what matrixopt saved before lr defaulted to 1e-2
+    del sd["param_groups"][0]["external_lr"]
+    other = Adafactor(ps)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 1e-2 and other.param_groups[0]["external_lr"] is False
