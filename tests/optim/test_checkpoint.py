@@ -673,3 +673,31 @@ def test_old_adafactor_checkpoint_with_lr_none_loads_as_hf_rule():
     other = Adafactor(ps)
     other.load_state_dict(sd)
     assert other.param_groups[0]["lr"] == 1e-2 and other.param_groups[0]["external_lr"] is False
+
+
+def test_real_galore_torch_state_dict_is_rejected():
+    galore_torch = pytest.importorskip("galore_torch")
+    ps = params(*SHAPES)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # galore-torch's deprecation warning
+        theirs = galore_torch.GaLoreAdamW([{"params": ps[:1], "rank": 2, "update_proj_gap": 5,
+                                            "scale": 0.25, "proj_type": "std"},
+                                           {"params": ps[1:]}], lr=1e-2)
+        run(theirs, ps, 2)
+    with pytest.raises(CheckpointError, match="galore-torch") as e:
+        MAKERS["galore_adamw"](ps).load_state_dict(theirs.state_dict())
+    assert "param_groups[0]" in str(e.value) and "correct_bias" in str(e.value)
+
+
+def test_galore_adafactor_default_lr_steps_equal_lr_none():
+    runs = []
+    for kw in ({}, {"lr": None}):
+        ps = params(*SHAPES)
+        opt = GaLoreAdafactor([{"params": ps[:1], "rank": 2, "update_proj_gap": 2},
+                               {"params": ps[1:]}], **kw)
+        run(opt, ps, 5)
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
