@@ -18,8 +18,9 @@ low-precision momentum). For a gradient :math:`G` factored over dims
     \hat U_t &= U_t / \max(1, \operatorname{RMS}(U_t)/d) \qquad (d = \text{clip\_threshold})\\
     \alpha_t &= \rho_t \cdot \max(\epsilon_2, \operatorname{RMS}(W_{t-1}))
         \quad\text{(parameter scaling; } \alpha_t = \rho_t \text{ without)}\\
-    \rho_t &= \min(\text{lr} \text{ or } 10^{-2},\ 1/\sqrt t) \quad\text{(relative step; }
-        \min(10^{-6} t, 1/\sqrt t) \text{ with warmup\_init; } \rho_t = \text{lr without)}\\
+    \rho_t &= \min(\text{lr},\ 1/\sqrt t) \quad\text{(relative step, lr = }10^{-2}
+        \text{ by default; } \min(10^{-6} t, 1/\sqrt t) \text{ with warmup\_init; }
+        \rho_t = \text{lr without)}\\
     M_t &= \beta_1 M_{t-1} + (1-\beta_1)\,\alpha_t \hat U_t
         \quad\text{(only if beta1 is set; } M_t = \alpha_t\hat U_t \text{ otherwise)}\\
     W_t &= W_{t-1}(1 - \lambda\alpha_t) - M_t.
@@ -69,6 +70,7 @@ from ._state import (
 
 __all__ = [
     "Adafactor",
+    "hf_schedule_lr",
     "factored_dims",
     "init_adafactor_state",
     "adafactor_precondition_",
@@ -231,18 +233,30 @@ class Adafactor(MatrixOptimizer):
     r"""Adafactor with Hugging Face's argument names and semantics.
 
     Replaces ``transformers.optimization.Adafactor`` (same arguments, same
-    defaults, same update) and covers ``torch.optim.Adafactor``::
+    update; ``lr=1e-2`` by default where Hugging Face has ``None``, the same step)
+    and covers ``torch.optim.Adafactor``::
 
         opt = Adafactor(model.parameters())                        # HF defaults: relative step
         opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False,
                         scale_parameter=False, beta2_cap=0.999)    # "modern" fixed-lr variant
 
+    Learning-rate schedulers: every torch scheduler (``StepLR``, ``LambdaLR``,
+    ``transformers.get_linear_schedule_with_warmup``, ...) works: ``lr`` is a
+    number, and with ``relative_step=True`` it caps the relative step, so a
+    schedule scales the cap. Hugging Face's ``AdafactorSchedule`` (a proxy that
+    overwrites ``lr`` with the step size it logs, calling ``_get_lr``) needs
+    ``lr=None``, as Hugging Face's docs write it, so that ``lr`` is not read.
+
     Args:
         params: parameters or parameter groups.
-        lr: external learning rate. ``None`` (default) requires
-            ``relative_step=True``. With ``relative_step=True`` a given ``lr`` caps
-            the relative step, :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)` —
-            torch.optim.Adafactor's rule (Hugging Face raises instead).
+        lr: learning rate (default 1e-2). With ``relative_step=False`` the step
+            :math:`\rho_t = \text{lr}`; with ``relative_step=True`` it caps the
+            relative step, :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)` —
+            torch.optim.Adafactor's rule; the default 1e-2 is Hugging Face's
+            constant, so ``lr=1e-2`` and Hugging Face's ``lr=None`` take the same
+            steps. ``lr=None`` (Hugging Face's spelling, relative step only) stores
+            ``lr=1e-2, external_lr=False``: the step never reads ``lr``, so a
+            scheduler writing it (``AdafactorSchedule``) does not change it.
         eps: :math:`(\epsilon_1, \epsilon_2)`: regulariser added to :math:`G^2`
             (default 1e-30) and floor of the parameter RMS in parameter scaling
             (default 1e-3).
@@ -257,7 +271,7 @@ class Adafactor(MatrixOptimizer):
             (default True).
         relative_step: time-dependent step :math:`\rho_t` (default True).
         warmup_init: :math:`\rho_t = \min(10^{-6} t, 1/\sqrt t)` (needs
-            ``relative_step=True`` and ``lr=None``) (default False).
+            ``relative_step=True``; ``lr`` is not read) (default False).
         min_dim_size_to_factor: factor only tensors whose second largest dim is
             at least this (default 1: every tensor with ≥ 2 dims, as Hugging
             Face; optax/big_vision use 128).
@@ -271,6 +285,10 @@ class Adafactor(MatrixOptimizer):
             ``momentum_dtype``), ``"fp32"``, ``"bf16"`` or ``"int8"`` (block-wise
             8-bit, :mod:`matrixopt.optim._state`); the factored statistics are
             already tiny and stay float32.
+        external_lr: whether the relative step reads ``lr`` as its cap
+            (default True; ``False``: :math:`\rho_t = \min(10^{-2}, 1/\sqrt t)`,
+            Hugging Face's rule, what ``lr=None`` selects). Ignored with
+            ``relative_step=False``.
 
     The factored dims are the two largest (:func:`factored_dims`), so a conv
     weight ``[out, in, kh, kw]`` keeps statistics of sizes ``out·kh·kw`` and
@@ -291,7 +309,7 @@ class Adafactor(MatrixOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | Tensor | None = None,
+        lr: float | Tensor | None = 1e-2,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float | None = 1.0,
         decay_rate: float = -0.8,
@@ -306,15 +324,24 @@ class Adafactor(MatrixOptimizer):
         momentum_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         state_dtype: str | None = None,
+        external_lr: bool = True,
     ) -> None:
+        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
         defaults = dict(
-            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
+            decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _get_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+        """Hugging Face's ``AdafactorSchedule`` reads the step size here
+        (:func:`hf_schedule_lr`)."""
+        return hf_schedule_lr(group, state)
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -496,13 +523,60 @@ def _sharded_update_(ctx: DistContext, params: list[Tensor], grads: list[Tensor]
             p.copy_(w)
 
 
+#: The relative step's cap when ``lr`` is not read (Hugging Face's constant).
+HF_RELATIVE_STEP_CAP = 1e-2
+
+
+def adafactor_lr_defaults(lr: Any, external_lr: bool, relative_step: Any
+                          ) -> tuple[Any, bool]:
+    """``lr=None`` (Hugging Face's spelling of "the relative step alone") as stored:
+    ``lr=1e-2`` (a number, so torch's schedulers work) and ``external_lr=False``
+    (the step does not read it). Other values pass through; ``lr=None`` with
+    ``relative_step=False`` is left for the group check to reject."""
+    if lr is None and relative_step is True:
+        return HF_RELATIVE_STEP_CAP, False
+    return lr, external_lr
+
+
+def hf_schedule_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+    r"""The step size :math:`\alpha_t` Hugging Face's ``AdafactorSchedule`` logs
+    (``optimizer._get_lr(group, state)``): :math:`\rho_t` at the state's ``step``,
+    times :math:`\max(\epsilon_2, \operatorname{RMS}(W))` of the group's first
+    parameter (the one whose state the schedule passes) with ``scale_parameter``.
+
+    The schedule then writes that value into ``group["lr"]``; a group whose step
+    reads ``lr`` (``relative_step=False``, or ``external_lr=True``) would change
+    its own step size, so that raises, asking for ``lr=None``. Called by the
+    scheduler, outside ``step()``: the RMS is one host read.
+    """
+    if not group["relative_step"] or (group["external_lr"] and not group["warmup_init"]):
+        raise ValueError(
+            "Adafactor: Hugging Face's AdafactorSchedule overwrites group['lr'] with the step "
+            "size it logs, but this group's step reads lr (relative_step="
+            f"{group['relative_step']}, external_lr={group['external_lr']}); construct the "
+            "optimizer with lr=None and relative_step=True (Hugging Face's setting for "
+            "AdafactorSchedule), or use a torch scheduler (docs/migration.md)")
+    step = state.get("step", 0)
+    t = max(1.0, float(step.item()) if isinstance(step, Tensor) else float(step))
+    rho = relative_step_size(t, None, True, bool(group["warmup_init"]))
+    if not group["scale_parameter"]:
+        return rho
+    p = local_tensor(group["params"][0]).detach()
+    rms = float(p.float().norm()) / math.sqrt(max(1, p.numel()))
+    return max(float(group["eps"][1]), rms) * rho
+
+
 def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:
     """Validate the Adafactor keys of a group (shared with GaLoreAdafactor)."""
     g = check.group
+    if g["lr"] is None:  # Hugging Face's spelling, given in a group dict
+        g["lr"], g["external_lr"] = adafactor_lr_defaults(None, g["external_lr"],
+                                                          g["relative_step"])
     check.number("lr", low=0.0, allow_none=True)
-    if g["lr"] is None and not g["relative_step"]:
+    if g["lr"] is None:
         raise check.fail("lr", "must be given when relative_step=False (lr=None means the "
                                "relative step schedule)")
+    check.boolean("external_lr")
     eps = g["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2
             and all(isinstance(e, (int, float)) and not isinstance(e, bool)
@@ -515,8 +589,8 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check.boolean("scale_parameter")
     check.boolean("relative_step")
     check.boolean("warmup_init")
-    if g["warmup_init"] and (not g["relative_step"] or g["lr"] is not None):
-        raise check.fail("warmup_init", "needs relative_step=True and lr=None")
+    if g["warmup_init"] and not g["relative_step"]:
+        raise check.fail("warmup_init", "needs relative_step=True")
     check.integer("min_dim_size_to_factor", low=1)
     check.number("beta2_cap", low=0.0, high=1.0, high_open=True, allow_none=True)
     check.dtype("momentum_dtype")
@@ -530,7 +604,8 @@ def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float],
     """
     torch._foreach_add_(steps, 1.0)
     ts = torch.stack(steps).tolist()
-    lr = _float(group["lr"])
+    # the relative step reads lr unless the group says not to (lr=None, Hugging Face)
+    lr = _float(group["lr"]) if group["external_lr"] or not group["relative_step"] else None
     decay, cap = float(group["decay_rate"]), _float(group["beta2_cap"])
     beta2s = [beta2_schedule(t, decay, cap) for t in ts]
     rhos = [relative_step_size(t, lr, group["relative_step"], group["warmup_init"]) for t in ts]

@@ -118,11 +118,13 @@ from ._state import (
     zero_moment,
 )
 from .adafactor import (
+    adafactor_lr_defaults,
     adafactor_precondition_,
     adafactor_update_,
     check_adafactor_group,
     clip_factors,
     factored_dims,
+    hf_schedule_lr,
     init_adafactor_state,
     momentum_state_,
     param_scale,
@@ -902,14 +904,16 @@ class GaLoreAdafactor(_GaLoreBase):
     Args: Adafactor's (``lr``, ``eps``, ``clip_threshold``, ``decay_rate``,
     ``beta1``, ``weight_decay``, ``scale_parameter``, ``relative_step``,
     ``warmup_init``, ``min_dim_size_to_factor``, ``beta2_cap``,
-    ``momentum_dtype``; same defaults) and GaLore's (see :class:`GaLoreAdamW`).
+    ``momentum_dtype``, ``external_lr``; same defaults, ``lr=1e-2``, ``lr=None``
+    meaning Hugging Face's relative step that never reads ``lr``) and GaLore's
+    (see :class:`GaLoreAdamW`).
     Groups without ``rank`` are plain Adafactor.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | Tensor | None = None,
+        lr: float | Tensor | None = 1e-2,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float | None = 1.0,
         decay_rate: float = -0.8,
@@ -937,9 +941,12 @@ class GaLoreAdafactor(_GaLoreBase):
         matrix_view: str = "auto",
         proj_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        external_lr: bool = True,
     ) -> None:
+        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
         defaults = dict(
-            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
+            decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
@@ -951,6 +958,12 @@ class GaLoreAdafactor(_GaLoreBase):
 
     def _check_inner(self, check: _GroupChecker) -> None:
         check_adafactor_group(check)
+
+    @staticmethod
+    def _get_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+        """Hugging Face's ``AdafactorSchedule`` reads the step size here
+        (:func:`~matrixopt.optim.adafactor.hf_schedule_lr`)."""
+        return hf_schedule_lr(group, state)
 
     def _plain_step(self, index: int, group: dict[str, Any], params: list[Tensor],
                     grads: list[Tensor]) -> None:
