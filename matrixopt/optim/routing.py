@@ -112,7 +112,9 @@ class Classified:
 
     ``kind`` is one of ``"adamw"`` (explicit ``adamw=``), ``"matrix_forced"``
     (explicit ``muon=``/``galore=``), ``"excluded"``, ``"embedding"``, ``"head"``,
-    ``"norm"``, ``"vector"`` (bias, 0-D/1-D), ``"conv"``, ``"fused_qkv"``,
+    ``"norm"``, ``"vector"`` (bias, 0-D/1-D, or one dim > 1 such as ``[1, d]``),
+    ``"table"`` (``[1, .., n, d]``: ViT's ``cls_token`` / ``position_embeddings``),
+    ``"conv"``, ``"fused_qkv"``,
     ``"matrix"`` (2-D) or ``"stack"`` (≥ 3-D, a batch of matrices).
     """
 
@@ -307,6 +309,8 @@ def _find_heads(model: nn.Module, head: Selector | None, head_names: Sequence[st
     return _Heads(last, "last Linear")
 
 
+_ADAMW_KINDS = ("adamw", "excluded", "embedding", "head", "norm", "vector", "table")
+
 _HEAD_REASON = {
     "head=": "output head (head=)",
     "tied": "output head (tied with the embedding)",
@@ -333,9 +337,10 @@ def classify_parameters(
     (parameter names or objects); ``exclude`` (modules by name/pattern/predicate,
     or parameter names) → ``"excluded"``; embedding weights → ``"embedding"``;
     ≥ 2-D weights of the output head(s) (see the module docstring) → ``"head"``;
-    normalisation-layer parameters → ``"norm"``; other 0-D/1-D → ``"vector"``;
-    convolution weights → ``"conv"``; ``nn.MultiheadAttention.in_proj_weight`` →
-    ``"fused_qkv"``; other 2-D → ``"matrix"``, ≥ 3-D → ``"stack"``. A ``split``
+    normalisation-layer parameters → ``"norm"``; other 0-D/1-D, or with a
+    single dim > 1 → ``"vector"``; ≥ 3-D with all leading dims 1 (learned
+    tokens, position tables ``[1, n, d]``) → ``"table"``; convolution weights →
+    ``"conv"``; ``nn.MultiheadAttention.in_proj_weight`` → ``"fused_qkv"``; other 2-D → ``"matrix"``, ≥ 3-D → ``"stack"``. A ``split``
     pattern marks the ≥ 2-D weights of the modules it matches.
 
     Returns:
@@ -432,6 +437,10 @@ def classify_parameters(
             out.append(c("norm", "normalisation layer"))
         elif p.ndim < 2:
             out.append(c("vector", "bias" if name.endswith("bias") else f"{p.ndim}-D parameter"))
+        elif sum(s > 1 for s in p.shape) <= 1:
+            out.append(c("vector", "a vector in a matrix's shape (one dim > 1)"))
+        elif not conv and p.ndim >= 3 and all(s == 1 for s in p.shape[:-2]):
+            out.append(c("table", "broadcast table [1, .., n, d] (position embedding / tokens)"))
         elif conv:
             out.append(c("conv", "convolution (flattened to out x in*k)"))
         elif pid in fused_qkv:
@@ -517,6 +526,8 @@ def muon_param_groups(
        module docstring); warns when more than one head is found;
     5. normalisation layers, biases, 0-D and 1-D parameters → AdamW without
        weight decay (``no_decay_weight_decay``; ``None`` keeps the optimizer's);
+       a parameter with a single dim > 1 (``[1, d]``) or a broadcast table
+       ``[1, .., n, d]`` (ViT ``cls_token``, ``position_embeddings``) → AdamW;
     6. convolution weights → Muon with ``matrix_view="flatten"`` (the update scale
        then comes from ``[out, in·∏kernel]``);
     7. ``nn.MultiheadAttention.in_proj_weight`` (fused QKV) → Muon, split into 3
@@ -556,7 +567,7 @@ def muon_param_groups(
         matrix=muon, split=split, head_names=head_names, owner=owner)
 
     def matrix_group(it: Classified) -> tuple[str, dict[str, Any]] | None:
-        if it.kind in ("adamw", "excluded", "embedding", "head", "norm", "vector"):
+        if it.kind in _ADAMW_KINDS:
             return None
         spec = it.split
         if it.kind == "fused_qkv" and split_fused_qkv and spec is None:
@@ -617,7 +628,7 @@ def galore_param_groups(
         matrix=galore, owner=owner)
 
     def matrix_group(it: Classified) -> tuple[str, dict[str, Any]] | None:
-        if it.kind in ("adamw", "excluded", "embedding", "head", "norm", "vector"):
+        if it.kind in _ADAMW_KINDS:
             return None
         if it.conv:
             return "galore_flatten", {"rank": rank, "matrix_view": "flatten", **group_kwargs}
