@@ -91,9 +91,11 @@ class ParamGroups(list):  # type: ignore[type-arg]
     @property
     def report(self) -> str:
         name_w = max([len(r.name) for r in self.routes] + [9])
-        lines = [f"{'parameter':<{name_w}}  {'shape':<18} {'group':<15} reason"]
+        group_w = max([len(r.group) for r in self.routes] + [14])
+        lines = [f"{'parameter':<{name_w}}  {'shape':<18} {'group':<{group_w}} reason"]
         for r in self.routes:
-            lines.append(f"{r.name:<{name_w}}  {str(list(r.shape)):<18} {r.group:<15} {r.reason}")
+            lines.append(f"{r.name:<{name_w}}  {str(list(r.shape)):<18} {r.group:<{group_w}} "
+                         f"{r.reason}")
         counts: dict[str, tuple[int, int]] = {}
         for r in self.routes:
             c, n = counts.get(r.group, (0, 0))
@@ -184,6 +186,12 @@ def _is_linear_like(mod: nn.Module) -> bool:
         return False
     w = mod._parameters.get("weight")
     return isinstance(w, torch.Tensor) and w.ndim == 2
+
+
+def _is_named_norm(mod: nn.Module) -> bool:
+    """A norm by name with vector parameters only (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    params = list(mod.parameters(recurse=False))
+    return "Norm" in type(mod).__name__ and bool(params) and all(p.ndim <= 1 for p in params)
 
 
 def _has_matrix(mod: nn.Module) -> bool:
@@ -340,8 +348,9 @@ def classify_parameters(
     normalisation-layer parameters → ``"norm"``; other 0-D/1-D, or with a
     single dim > 1 → ``"vector"``; ≥ 3-D with all leading dims 1 (learned
     tokens, position tables ``[1, n, d]``) → ``"table"``; convolution weights →
-    ``"conv"``; ``nn.MultiheadAttention.in_proj_weight`` → ``"fused_qkv"``; other 2-D → ``"matrix"``, ≥ 3-D → ``"stack"``. A ``split``
-    pattern marks the ≥ 2-D weights of the modules it matches.
+    ``"conv"``; ``nn.MultiheadAttention.in_proj_weight`` → ``"fused_qkv"``; other
+    2-D → ``"matrix"``, ≥ 3-D → ``"stack"``. A ``split`` pattern marks the
+    ≥ 2-D weights of the modules it matches.
 
     Returns:
         ``(classified, heads)``: one :class:`Classified` per parameter in
@@ -359,7 +368,7 @@ def classify_parameters(
         if isinstance(mod, _EMBED_TYPES):
             embed_ids.add(id(mod.weight))
             embed_ptrs.add((mod.weight.data_ptr(), tuple(mod.weight.shape)))
-        elif isinstance(mod, _NORM_TYPES):
+        elif isinstance(mod, _NORM_TYPES) or _is_named_norm(mod):
             norm_params.update(id(p) for p in mod.parameters(recurse=False))
         elif isinstance(mod, _CONV_TYPES):
             conv_weights.add(id(mod.weight))
