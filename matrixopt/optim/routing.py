@@ -277,13 +277,37 @@ def _traced_heads(model: nn.Module, example_inputs: Any, owner: str) -> list[str
             if _has_matrix(modules[mname]) and mname not in heads:
                 heads.append(mname)
             continue  # a norm (vectors only) produces the output: no head on this path
-        if hasattr(node, "variable"):  # a parameter used functionally (x @ W.T)
-            var = node.variable
-            if var.ndim >= 2 and id(var) in owner_of and owner_of[id(var)] not in heads:
-                heads.append(owner_of[id(var)])
+        if hasattr(node, "variable"):  # a leaf: nothing behind it
             continue
+        weight = _matmul_weight(node)
+        if weight is not None:  # a parameter used functionally: F.linear(h, wte.weight)
+            if owner_of.get(id(weight)) and owner_of[id(weight)] not in heads:
+                heads.append(owner_of[id(weight)])
+            continue  # the layer's input is not the output: do not walk past it
         queue.extend(fn for fn, _ in node.next_functions if fn is not None)
     return heads
+
+
+_MATMUL_NODES = ("MmBackward", "AddmmBackward", "BmmBackward", "BaddbmmBackward",
+                 "MatmulBackward", "LinearBackward")
+_VIEW_NODES = ("TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward",
+               "UnsafeViewBackward", "ExpandBackward", "ReshapeAliasBackward")
+
+
+def _matmul_weight(node: Any) -> torch.Tensor | None:
+    """The ≥ 2-D parameter a matrix-product node multiplies by (through views), if any."""
+    if not type(node).__name__.startswith(_MATMUL_NODES):
+        return None
+    stack = [(fn, 0) for fn, _ in node.next_functions if fn is not None]
+    while stack:
+        fn, depth = stack.pop()
+        var = getattr(fn, "variable", None)
+        if isinstance(var, torch.Tensor):
+            if var.ndim >= 2:
+                return var
+        elif depth < 2 and type(fn).__name__.startswith(_VIEW_NODES):
+            stack.extend((f, depth + 1) for f, _ in fn.next_functions if f is not None)
+    return None
 
 
 def _find_heads(model: nn.Module, head: Selector | None, head_names: Sequence[str],
