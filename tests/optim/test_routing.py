@@ -404,3 +404,25 @@ def test_galore_param_groups_conv_and_stacks():
 def test_exports():
     assert matrixopt.optim.galore_param_groups is galore_param_groups
     assert matrixopt.galore_param_groups is galore_param_groups
+
+
+# ------------------------------------------------------------------- README
+def test_readme_first_example_routes_a_model_the_old_size_heuristic_got_wrong():
+    """The README's first block, run as written (warnings are errors): its model is the
+    issue's, where every Linear's out_features equals the vocabulary size."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Swap AdamW for Muon"):]
+    code = re.search(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    assert code is not None
+    ns: dict = {"__name__": "__readme__"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(code.group(1), "README.md", "exec"), ns)  # noqa: S102
+    groups = ns["groups"]
+    assert {r.name for r in groups.routes if r.group == "muon"} == {"1.weight", "4.weight"}
+    assert groups.heads == ["6"]
+    vocab = ns["model"][0].num_embeddings
+    assert all(m.out_features == vocab for m in ns["model"] if isinstance(m, nn.Linear))
