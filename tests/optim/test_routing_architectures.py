@@ -260,3 +260,21 @@ def test_gpt2_fused_c_attn_split_by_columns():
     assert tuple(split_group["split"]) == (3, "cols")
     _logits(model(_tokens(96)())).square().mean().backward()
     opt.step()
+
+
+def test_swap_example_runs():
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        import swap_adamw
+    finally:
+        sys.path.remove(str(examples))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        losses = swap_adamw.main(["--steps", "3", "--d-model", "32", "--n-layer", "1",
+                                  "--seq-len", "16", "--batch-size", "2", "--quiet"])
+    assert set(losses) == {"adamw", "muon", "galore_adamw"}
+    assert all(0 < v < 10 for v in losses.values())
