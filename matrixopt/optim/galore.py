@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +131,7 @@ from .adafactor import (
     param_scale,
     step_sizes,
 )
+from .routing import external_stacklevel
 
 __all__ = ["GaLoreAdamW", "GaLoreAdafactor", "PROJ_TYPES", "PROJECTORS", "ON_REFRESH",
            "RESIDUALS"]
@@ -257,10 +259,63 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _inner_reset(self, group: dict[str, Any], item: _Item) -> None:
         ...
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._galore_built = True
+        self._warn_no_rank()
+
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
         _check_galore_keys(check)
         self._check_inner(check)
+        self._warn_rank_clipped(check)
+        if getattr(self, "_galore_built", False):  # add_param_group after construction
+            self._warn_no_rank()
+
+    def _warn_no_rank(self) -> None:
+        """Warn (once per optimizer) when no group sets ``rank``: every matrix then runs
+        the plain inner optimizer, which is a silent no-op of GaLore."""
+        if getattr(self, "_warned_no_rank", False):
+            return
+        if any(g["rank"] is not None for g in self.param_groups):
+            return
+        mats = [(i, tuple(p.shape)) for i, g in enumerate(self.param_groups)
+                for p in g["params"] if p.ndim >= 2]
+        if not mats:
+            return
+        self._warned_no_rank = True
+        name = type(self).__name__
+        groups = sorted({i for i, _ in mats})
+        warnings.warn(
+            f"{name}: no parameter group sets rank, so none of the {len(mats)} matrices "
+            f"(param_groups{groups}, e.g. shape {mats[0][1]}) is projected: {name} runs as "
+            f"plain {'AdamW' if 'AdamW' in name else 'Adafactor'}. Give the matrices a "
+            f"rank, e.g. {name}(matrixopt.optim.galore_param_groups(model, rank=128))",
+            stacklevel=external_stacklevel())
+
+    def _warn_rank_clipped(self, check: _GroupChecker) -> None:
+        """Warn once per group when ``rank`` exceeds ``min(m, n)`` of a matrix: it is
+        clipped, and at full rank the projected state (moments plus basis) is larger
+        than the plain optimizer's."""
+        g = check.group
+        if g["rank"] is None:
+            return
+        r = int(g["rank"])
+        over = []
+        for p in g["params"]:
+            if p.ndim >= 2:
+                _, m, n, _ = self._view(g, p)
+                if r > min(m, n):
+                    over.append((tuple(p.shape), min(m, n)))
+        if over:
+            warnings.warn(
+                f"{check.owner}: param_groups[{check.index}]: rank={r} exceeds min(m, n) of "
+                f"{len(over)} matrix(es) (e.g. shape {over[0][0]}, min(m, n) = {over[0][1]}): "
+                f"the rank is clipped to min(m, n), where the projected state (moments plus "
+                f"an m x r or r x n basis) is larger than unprojected "
+                f"{'AdamW' if 'AdamW' in check.owner else 'Adafactor'}'s. Use a smaller rank, "
+                f"or put these parameters in a group without rank",
+                stacklevel=external_stacklevel())
 
     # ------------------------------------------------------------------ shapes
     @staticmethod

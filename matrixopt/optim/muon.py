@@ -25,6 +25,7 @@ Matrices of the same shape within a group are orthogonalised as one batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,8 +43,9 @@ from ._common import (
     check_grad,
     closure_loss,
 )
-from ._distributed import distributed_orthogonalize, local_tensor, resolve_context
+from ._distributed import _is_dtensor, distributed_orthogonalize, local_tensor, resolve_context
 from ._state import check_state_dtype, init_moment, momentum_directions_
+from .routing import external_stacklevel
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
@@ -72,6 +74,30 @@ def muon_update_scale(m: int, n: int, mode: str) -> float:
     if mode == "none":
         return 1.0
     raise ValueError(f"adjust_lr must be one of {list(ADJUST_LR_MODES)}, got {mode!r}")
+
+
+def _split_spec(split: Any) -> tuple[int, str] | None:
+    """``split`` as ``(k, "rows" | "cols")`` (``None`` stays ``None``); ``ValueError`` if bad."""
+    if split is None:
+        return None
+    if isinstance(split, int) and not isinstance(split, bool) and split >= 1:
+        return split, "rows"
+    if (isinstance(split, (tuple, list)) and len(split) == 2 and isinstance(split[0], int)
+            and not isinstance(split[0], bool) and split[0] >= 1 and split[1] in ("rows", "cols")):
+        return int(split[0]), str(split[1])
+    raise ValueError(f"split must be None, an int k >= 1 or (k, 'rows'|'cols'), got {split!r}")
+
+
+def _col_blocks(x: Tensor, view: tuple[int, int, int], k: int) -> Tensor:
+    """``[..]`` tensor viewed as ``(b, m, n)`` → its ``k`` column blocks ``[b·k, m, n/k]``."""
+    b, m, n = view
+    return x.reshape(b, m, k, n // k).transpose(1, 2).reshape(b * k, m, n // k)
+
+
+def _col_unblocks(x: Tensor, view: tuple[int, int, int], k: int) -> Tensor:
+    """Inverse of :func:`_col_blocks`, as ``[b, m, n]``."""
+    b, m, n = view
+    return x.reshape(b, k, m, n // k).transpose(1, 2).reshape(b, m, n)
 
 
 def _float(x: float | Tensor) -> float:
@@ -117,10 +143,20 @@ class Muon(MatrixOptimizer):
         matrix_view: how parameters with > 2 dims become matrices: ``"flatten"``
             (``[out, in, *k] → out × in·∏k``, convolutions), ``"batch"``
             (``[*E, r, c]`` → a batch of ``r × c`` matrices, stacked experts), or
-            ``"auto"`` (default: 3-D → batch, ≥ 4-D → flatten). Conv1d weights are
-            3-D: give them ``"flatten"`` (``muon_param_groups`` does).
-        split: ``None`` or an int ``k``: split the matrix rows into ``k`` equal
-            blocks orthogonalised separately (fused QKV: ``split=3``).
+            ``"auto"`` (default: 3-D → batch, ≥ 4-D → flatten). A bare tensor
+            does not say which module it came from: a 3-D parameter may be a
+            Conv1d weight ``[out, in, k]`` (wants ``"flatten"``) or a stack of
+            experts (wants ``"batch"``), so ``"auto"`` warns once per group that
+            holds a 3-D parameter. ``muon_param_groups(model)`` knows the module
+            and sets the view; otherwise set ``matrix_view`` for that group.
+        split: ``None``, an int ``k`` or ``(k, "rows" | "cols")``: orthogonalise
+            ``k`` equal blocks of the matrix separately — ``k`` / ``(k, "rows")``
+            cuts the rows (fused QKV ``[3d, d]`` of ``nn.Linear`` /
+            ``nn.MultiheadAttention``: ``split=3``), ``(k, "cols")`` the columns
+            (Hugging Face ``Conv1D`` stores ``c_attn`` as ``[d, 3d]``:
+            ``split=(3, "cols")``). The update scale ``s(m, n)`` then comes from
+            the block shape. Column splits are not supported on FSDP2 (DTensor)
+            parameters.
         normuon: NorMuon (Li et al. 2025): after orthogonalisation, divide each
             row by the root of an EMA of its mean square, then rescale to keep the
             Frobenius norm (default False).
@@ -173,7 +209,7 @@ class Muon(MatrixOptimizer):
         ns_method: str = "auto",
         ns_backend: str = "auto",
         matrix_view: str = "auto",
-        split: int | None = None,
+        split: int | tuple[int, str] | None = None,
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         cautious_wd: bool = False,
@@ -226,7 +262,11 @@ class Muon(MatrixOptimizer):
         check.choice("ns_method", ("auto", "standard", "gram"))
         check.choice("ns_backend", ("auto", "torch", "triton"))
         check.choice("matrix_view", _VIEWS)
-        check.integer("split", low=1, allow_none=True)
+        try:
+            split = _split_spec(g["split"])
+        except ValueError:
+            raise check.fail("split", "must be None, an int k >= 1 or (k, 'rows'|'cols')"
+                             ) from None
         check.boolean("normuon")
         check.number("normuon_beta2", low=0.0, high=1.0, high_open=True)
         check.boolean("cautious_wd")
@@ -244,12 +284,30 @@ class Muon(MatrixOptimizer):
                     f"Muon: param_groups[{check.index}]: algorithm 'muon' needs parameters with "
                     f">= 2 dims, got one of shape {tuple(p.shape)}; use algorithm='adamw' or "
                     f"'auto' for it")
-            if alg == "muon" and g["split"] is not None:
-                _, m, _ = self._view_shape({**g, "split": None}, p)
-                if m % g["split"]:
+            if alg == "muon" and split is not None:
+                _, m, n = self._view_shape({**g, "split": None}, p)
+                k, along = split
+                if (m if along == "rows" else n) % k:
                     raise GroupError(
-                        f"Muon: param_groups[{check.index}]: split={g['split']} does not divide "
-                        f"the {m} rows of a parameter of shape {tuple(p.shape)}")
+                        f"Muon: param_groups[{check.index}]: split={g['split']!r} does not "
+                        f"divide the {m if along == 'rows' else n} {along} of a parameter of "
+                        f"shape {tuple(p.shape)}")
+                if along == "cols" and _is_dtensor(p):
+                    raise GroupError(
+                        f"Muon: param_groups[{check.index}]: split={g['split']!r} (columns) is "
+                        f"not supported with FSDP2 (DTensor) parameters; split rows instead")
+        ambiguous = [tuple(p.shape) for p in g["params"]
+                     if p.ndim == 3 and g["matrix_view"] == "auto"
+                     and self._algorithm_for(g, p) == "muon"]
+        if ambiguous:
+            warnings.warn(
+                f"Muon: param_groups[{check.index}]: matrix_view='auto' treats the 3-D "
+                f"parameter(s) of shape {ambiguous[:3]} as batches of matrices (stacked "
+                f"experts [E, rows, cols]); a Conv1d weight [out, in, k] needs "
+                f"matrix_view='flatten'. A bare tensor does not say which it is: use "
+                f"matrixopt.optim.muon_param_groups(model), which knows the modules, or set "
+                f"matrix_view='batch' / 'flatten' for this group",
+                stacklevel=external_stacklevel())
 
     # ----------------------------------------------------------------- routing
     @staticmethod
@@ -272,8 +330,11 @@ class Muon(MatrixOptimizer):
             b, m, n = 1, shape[0], math.prod(shape[1:])
         else:
             b, m, n = math.prod(shape[:-2]), shape[-2], shape[-1]
-        k = group["split"] or 1
-        return b * k, m // k, n
+        split = _split_spec(group["split"])
+        if split is None:
+            return b, m, n
+        k, along = split
+        return (b * k, m // k, n) if along == "rows" else (b * k, m, n // k)
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -335,6 +396,11 @@ class Muon(MatrixOptimizer):
                                     [local_tensor(g) for g in grads],
                                     [self.state[p] for p in params], "momentum_buffer", mu,
                                     group["nesterov"], group["state_dtype"])
+        cols = _split_spec(group["split"])  # a column split: blocks made contiguous
+        cols_k = cols[0] if cols is not None and cols[1] == "cols" else 0
+        if cols_k:
+            dirs = [_col_blocks(d, self._view_shape({**group, "split": None}, p), cols_k)
+                    for d, p in zip(dirs, params)]
 
         def orth(X: Tensor) -> Tensor:
             return orthogonalize(
@@ -360,6 +426,8 @@ class Muon(MatrixOptimizer):
             if group["normuon"]:
                 O = self._normuon(group, self.state[state_keys[i]]["normuon_v"],
                                   O.reshape(views[i]))
+            if cols_k:
+                O = _col_unblocks(O, self._view_shape({**group, "split": None}, p), cols_k)
             _, m, n = views[i]
             updates.append(O.reshape(p.shape).mul(lr * muon_update_scale(m, n, group["adjust_lr"])))
 
