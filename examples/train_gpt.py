@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
 import matrixopt  # noqa: E402
-from matrixopt.optim import muon_param_groups  # noqa: E402
+from matrixopt.optim import galore_param_groups, muon_param_groups  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -40,14 +40,8 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def _galore_groups(model: nn.Module, rank: int, gap: int = 50) -> list[dict[str, Any]]:
-    """Hidden matrices (as Muon would route them) get GaLore; the rest plain AdamW."""
-    groups: list[dict[str, Any]] = []
-    for g in muon_param_groups(model):
-        extra = {"weight_decay": g["weight_decay"]} if "weight_decay" in g else {}
-        if g["algorithm"] == "muon":
-            extra.update(rank=rank, update_proj_gap=gap, scale=0.25)
-        groups.append({"params": g["params"], **extra})
-    return groups
+    """Hidden matrices (routed as Muon's) get GaLore; embeddings, head, norms plain AdamW."""
+    return galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=0.25)
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float,

@@ -2,7 +2,14 @@
 
 from . import linalg, optim
 from .linalg import orthogonalize, polar, randomized_svd
-from .optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
+from .optim import (
+    Adafactor,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    Muon,
+    galore_param_groups,
+    muon_param_groups,
+)
 
 
 def _installed_version() -> str:
@@ -22,4 +29,5 @@ def _installed_version() -> str:
 __version__ = _installed_version()
 
 __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
-           "orthogonalize", "polar", "randomized_svd", "linalg", "optim", "__version__"]
+           "orthogonalize", "polar", "randomized_svd", "linalg", "optim", "__version__",
+           "galore_param_groups"]

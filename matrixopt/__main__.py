@@ -9,6 +9,7 @@ or ``FAIL`` for each. The exit status is 0 when every check passes, 1 otherwise
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -131,9 +132,22 @@ def run_checks(checks: Sequence[Check], out: Callable[[str], None] = print) -> b
     return ok
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line: no options besides ``--help`` and ``--version``."""
+    p = argparse.ArgumentParser(
+        prog="python -m matrixopt",
+        description="Print the matrixopt, torch and Python versions and the detected backends "
+                    "(CUDA, Triton, Triton's interpreter), then run a short self-check against "
+                    "float64 SVD references (orthogonalize, polar, one Muon step). Exit status: "
+                    "0 if every check passes, 1 otherwise.")
+    p.add_argument("--version", action="version", version=f"matrixopt {__version__}")
+    return p
+
+
 def main(argv: Sequence[str] | None = None, checks: Sequence[Check] = CHECKS) -> int:
-    """Print versions and backends, run the self-check; return the exit status."""
-    del argv  # no options
+    """Parse ``argv`` (``--help`` prints usage and exits), print versions and backends,
+    run the self-check; return the exit status."""
+    parser().parse_args(argv)
     width = max(len(name) for name, _ in backends())
     for name, desc in backends():
         print(f"{name:<{width}}  {desc}")

@@ -126,6 +126,11 @@ def gram_kernel(
         c = acc.to(C.dtype.element_ty)
     cbase = C + pid_b.to(tl.int64) * stride_cb
     mask = a_row_ok & b_col_ok
+    if i == j:
+        # A diagonal tile's product is symmetric only up to the summation order of
+        # the dot unit (numpy's BLAS under the interpreter, the MMA on a GPU): keep
+        # its lower triangle and mirror it, so the output is exactly symmetric.
+        c = tl.where(rm[:, None] >= rn[None, :], c, tl.trans(c))
     tl.store(cbase + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=mask)
     if i != j:
         # Mirror: tile (j, i) is the transpose of tile (i, j).
@@ -190,6 +195,8 @@ def sym_poly_kernel(
     else:
         c = res.to(C.dtype.element_ty)
     cbase = C + pid_b.to(tl.int64) * stride_cb
+    if i == j:  # exactly symmetric diagonal tiles, see gram_kernel
+        c = tl.where(rm[:, None] >= rn[None, :], c, tl.trans(c))
     tl.store(cbase + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=mask)
     if i != j:
         mask_t = (rn[:, None] < M) & (rm[None, :] < M)

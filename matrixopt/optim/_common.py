@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ._nonfinite import StepFlags
 
 __all__ = [
     "MatrixOptimizer",
+    "CPU_COUNTERS",
     "GroupError",
     "NonFiniteGradientError",
     "NONFINITE_POLICIES",
@@ -46,6 +48,18 @@ NONFINITE_COUNT = "nonfinite_count"
 # optimizer's own hyperparameters: "name"/"param_names" (torch >= 2.6 named
 # groups), "initial_lr" (lr schedulers add it).
 _PASSTHROUGH_KEYS = frozenset({"params", "name", "param_names", "initial_lr"})
+# Keys torch's Optimizer adds to ``defaults`` by itself (``__setstate__`` sets
+# ``differentiable``): not matrixopt settings, never copied into a group, never
+# accepted in one.
+_TORCH_DEFAULT_KEYS = frozenset({"differentiable"})
+#: Scalar counters kept on the CPU (as torch keeps ``step``), with their dtype:
+#: the AdamW/Adafactor ``step`` and GaLore's refresh schedule. Reading them on
+#: the host is no device synchronisation, so they must stay there across
+#: save/load (:func:`load_state_keeping_dtypes`).
+CPU_COUNTERS: dict[str, torch.dtype] = {
+    "step": torch.float32, "iteration": torch.int64, "refresh_step": torch.int64,
+    "refresh_offset": torch.int64, "seed": torch.int64,
+}
 
 
 class GroupError(ValueError):
@@ -143,6 +157,10 @@ class MatrixOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
 
+    def _own_keys(self) -> set[str]:
+        """The optimizer's own group keys (its defaults, without keys torch adds)."""
+        return set(self.defaults) - _TORCH_DEFAULT_KEYS
+
     # -- validation -------------------------------------------------------
     def _check_group(self, check: _GroupChecker) -> None:
         """Validate one group's hyperparameters; subclasses extend this."""
@@ -152,11 +170,11 @@ class MatrixOptimizer(Optimizer):
             raise TypeError(f"{type(self).__name__}: a parameter group must be a dict, "
                             f"got {type(param_group).__name__}")
         index = len(self.param_groups)
-        unknown = sorted(set(param_group) - set(self.defaults) - _PASSTHROUGH_KEYS)
+        unknown = sorted(set(param_group) - self._own_keys() - _PASSTHROUGH_KEYS)
         if unknown:
             raise GroupError(
                 f"{type(self).__name__}: param_groups[{index}]: unknown key(s) {unknown}; "
-                f"valid keys are {sorted(self.defaults)}"
+                f"valid keys are {sorted(self._own_keys())}"
             )
         params = param_group.get("params")
         if isinstance(params, Tensor):
@@ -320,18 +338,48 @@ class MatrixOptimizer(Optimizer):
 
     # -- loading ------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as torch does, but keep every state tensor's saved dtype
-        (REFERENCE pitfall 6; see :func:`load_state_keeping_dtypes`)."""
-        load_state_keeping_dtypes(self, state_dict, super().load_state_dict)
+        """Load as torch does, after checking and converting the checkpoint.
+
+        Order: the user's load pre-hooks (they may convert a foreign format), then
+        :func:`matrixopt.optim.checkpoint.conform_state_dict` (rejects state the
+        optimizer would not use, naming the parameter and key; converts Python
+        number counters; translates a ``torch.optim.Muon`` checkpoint's keys; runs
+        the group checks of construction on the loaded hyperparameters), torch's
+        loading, :func:`load_state_keeping_dtypes` (saved dtypes, CPU counters),
+        then the post-hooks.
+        """
+        from .checkpoint import conform_state_dict
+
+        sd = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, sd)
+            if result is not None:
+                sd = result
+        sd = conform_state_dict(self, sd)
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        # torch's load runs the hooks itself: run them here, around the checks, once
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            load_state_keeping_dtypes(self, sd, super().load_state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for post_hook in post.values():
+            post_hook(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # A state_dict saved by an older matrixopt or by a peer (torch.optim.Muon)
-        # carries only the keys it knew; fill the rest from this optimizer's
-        # defaults instead of failing at the next step.
+        # A group lacking one of this optimizer's keys (a pickle of an older
+        # matrixopt) gets the default; keys torch adds to ``defaults``
+        # (``differentiable``) are not group keys and stay out, so a state dict is
+        # the same after a round trip.
+        own = self._own_keys()
         for group in self.param_groups:
             for k, v in self.defaults.items():
-                group.setdefault(k, v)
+                if k in own:
+                    group.setdefault(k, v)
 
 
 def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, Any],
@@ -342,7 +390,14 @@ def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, 
     which would silently turn float32 statistics of a bf16 parameter into bf16
     (losing precision) and a bf16 momentum of a float32 parameter into float32
     (doubling its memory). Here each tensor keeps the dtype it was saved with
-    and only moves to its parameter's device; ``step`` stays where torch puts it.
+    and only moves to its parameter's device.
+
+    The scalar counters of :data:`CPU_COUNTERS` (``step``, GaLore's
+    ``iteration``, ``refresh_step``, ``refresh_offset``, ``seed``) are put on
+    the **CPU** with their saved dtype, as copies: torch would move the int64
+    ones to the parameter's device (a host synchronisation at every later read)
+    and shares ``step`` with the loaded dict (two optimizers loaded from one
+    dict would advance one counter twice).
     """
     load(state_dict)
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -353,8 +408,11 @@ def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, 
             continue
         st = opt.state[p]
         for k, v in saved[pid].items():
-            if k != "step" and isinstance(v, Tensor) and isinstance(st.get(k), Tensor) \
-                    and st[k].dtype != v.dtype:
+            if not isinstance(v, Tensor) or not isinstance(st.get(k), Tensor):
+                continue
+            if k in CPU_COUNTERS and v.numel() == 1:
+                st[k] = v.detach().to(device="cpu", copy=True)
+            elif st[k].dtype != v.dtype:
                 st[k] = v.to(device=p.device, copy=True)
 
 

@@ -18,8 +18,9 @@ low-precision momentum). For a gradient :math:`G` factored over dims
     \hat U_t &= U_t / \max(1, \operatorname{RMS}(U_t)/d) \qquad (d = \text{clip\_threshold})\\
     \alpha_t &= \rho_t \cdot \max(\epsilon_2, \operatorname{RMS}(W_{t-1}))
         \quad\text{(parameter scaling; } \alpha_t = \rho_t \text{ without)}\\
-    \rho_t &= \min(\text{lr} \text{ or } 10^{-2},\ 1/\sqrt t) \quad\text{(relative step; }
-        \min(10^{-6} t, 1/\sqrt t) \text{ with warmup\_init; } \rho_t = \text{lr without)}\\
+    \rho_t &= \min(\text{lr},\ 1/\sqrt t) \quad\text{(relative step, lr = }10^{-2}
+        \text{ by default; } \min(10^{-6} t, 1/\sqrt t) \text{ with warmup\_init; }
+        \rho_t = \text{lr without)}\\
     M_t &= \beta_1 M_{t-1} + (1-\beta_1)\,\alpha_t \hat U_t
         \quad\text{(only if beta1 is set; } M_t = \alpha_t\hat U_t \text{ otherwise)}\\
     W_t &= W_{t-1}(1 - \lambda\alpha_t) - M_t.
@@ -34,10 +35,11 @@ plus the momentum if ``beta1`` is set. No host synchronisation per
 parameter: the step counters live on the CPU and are read once per group; the
 RMS values and the clipping factor stay tensors.
 
-The math is exposed as functions on lists of tensors
-(:func:`adafactor_precondition_`, :func:`clip_factors`, :func:`param_scale`,
-:func:`relative_step_size`) so :class:`~matrixopt.optim.GaLoreAdafactor` runs
-the same code on projected gradients.
+The math is :mod:`matrixopt.optim.functional.adafactor` (pure functions on
+local tensors, with a ``reduce`` hook for FSDP2 row shards); this module owns
+the state layout, the validation and the class.
+:class:`~matrixopt.optim.GaLoreAdafactor` runs the same functions on projected
+gradients.
 """
 
 from __future__ import annotations
@@ -61,16 +63,21 @@ from ._state import (
     load_moment,
     store_moment,
 )
-from .functional.adafactor import adafactor_, factored_dims, stat_dtype, step_sizes
+from .functional.adafactor import (
+    adafactor_,
+    factored_dims,
+    relative_step_size,
+    stat_dtype,
+    step_sizes,
+)
 
 __all__ = [
     "Adafactor",
+    "hf_schedule_lr",
     "factored_dims",
     "init_adafactor_state",
-    "adafactor_precondition_",
-    "clip_factors",
-    "param_scale",
     "adafactor_states_",
+    "group_step_sizes",
     "check_adafactor_group",
 ]
 
@@ -110,68 +117,6 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
                                        device=like.device)
 
 
-def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
-                            cols: list[Tensor | None], sqs: list[Tensor | None],
-                            dims: list[tuple[int, int] | None], beta2s: list[float],
-                            eps1: float) -> list[Tensor]:
-    r"""Update the second-moment statistics in place; return :math:`G/\sqrt{\hat V}` (new tensors).
-
-    For entry ``i``: if ``dims[i]`` is ``(row_dim, col_dim)``, ``rows[i]`` and
-    ``cols[i]`` are the factored statistics (``sqs[i]`` unused); otherwise
-    ``sqs[i]`` is the full second moment. ``grads`` are read, never written;
-    they may have a lower precision than the statistics (computed in the
-    statistics' dtype). Cost: about five elementwise passes over each factored
-    tensor (square, two sums, the outer product of the factors, the product with G).
-    """
-    out: list[Tensor] = []
-    for g, r, c, v, d, b2 in zip(grads, rows, cols, sqs, dims, beta2s):
-        w = 1.0 - b2
-        if d is not None:
-            assert r is not None and c is not None
-            row_dim, col_dim = d
-            gs = g.to(r.dtype)
-            # G^2 once, then two sums: vector_norm along a non-last dim is a strided
-            # reduction, ~40x slower on CPU than this (2048x512: 11 ms vs 0.3 ms)
-            sq = gs.square()
-            r.lerp_(sq.sum(dim=col_dim, keepdim=True).div_(g.shape[col_dim]).add_(eps1), w)
-            c.lerp_(sq.sum(dim=row_dim, keepdim=True).div_(g.shape[row_dim]).add_(eps1), w)
-            del sq
-            # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice
-            r_factor = (r / r.mean(dim=row_dim, keepdim=True)).rsqrt_()
-            u = torch.mul(r_factor, c.rsqrt()).mul_(gs)
-        else:
-            assert v is not None
-            gs = g.to(v.dtype)
-            v.lerp_(gs.square().add_(eps1), w)
-            u = v.rsqrt().mul_(gs)
-        out.append(u)
-    return out
-
-
-def clip_factors(updates: list[Tensor], threshold: float | None) -> list[Tensor] | None:
-    r""":math:`1/\max(1, \operatorname{RMS}(U)/d)` per tensor, as 0-dim tensors (no host sync).
-
-    ``None`` when ``threshold`` is ``None`` (clipping off). The factor is folded
-    into the step multiplier so the clipped update is never materialised.
-    """
-    if threshold is None or not updates:
-        return None
-    norms = torch._foreach_norm(updates)
-    torch._foreach_div_(norms, [threshold * math.sqrt(max(1, u.numel())) for u in updates])
-    torch._foreach_clamp_min_(norms, 1.0)
-    torch._foreach_reciprocal_(norms)
-    return list(norms)
-
-
-def param_scale(params: list[Tensor], eps2: float) -> list[Tensor]:
-    r""":math:`\max(\epsilon_2, \operatorname{RMS}(W))` per parameter, as 0-dim tensors on its
-    device."""
-    norms = [n.to(stat_dtype(p.dtype)) for n, p in zip(torch._foreach_norm(params), params)]
-    torch._foreach_div_(norms, [math.sqrt(max(1, p.numel())) for p in params])
-    torch._foreach_clamp_min_(norms, eps2)
-    return list(norms)
-
-
 def _float(x: float | Tensor | None) -> float | None:
     if x is None:
         return None
@@ -185,18 +130,30 @@ class Adafactor(MatrixOptimizer):
     r"""Adafactor with Hugging Face's argument names and semantics.
 
     Replaces ``transformers.optimization.Adafactor`` (same arguments, same
-    defaults, same update) and covers ``torch.optim.Adafactor``::
+    update; ``lr=1e-2`` by default where Hugging Face has ``None``, the same step)
+    and covers ``torch.optim.Adafactor``::
 
         opt = Adafactor(model.parameters())                        # HF defaults: relative step
         opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False,
                         scale_parameter=False, beta2_cap=0.999)    # "modern" fixed-lr variant
 
+    Learning-rate schedulers: every torch scheduler (``StepLR``, ``LambdaLR``,
+    ``transformers.get_linear_schedule_with_warmup``, ...) works: ``lr`` is a
+    number, and with ``relative_step=True`` it caps the relative step, so a
+    schedule scales the cap. Hugging Face's ``AdafactorSchedule`` (a proxy that
+    overwrites ``lr`` with the step size it logs, calling ``_get_lr``) needs
+    ``lr=None``, as Hugging Face's docs write it, so that ``lr`` is not read.
+
     Args:
         params: parameters or parameter groups.
-        lr: external learning rate. ``None`` (default) requires
-            ``relative_step=True``. With ``relative_step=True`` a given ``lr`` caps
-            the relative step, :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)` —
-            torch.optim.Adafactor's rule (Hugging Face raises instead).
+        lr: learning rate (default 1e-2). With ``relative_step=False`` the step
+            :math:`\rho_t = \text{lr}`; with ``relative_step=True`` it caps the
+            relative step, :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)` —
+            torch.optim.Adafactor's rule; the default 1e-2 is Hugging Face's
+            constant, so ``lr=1e-2`` and Hugging Face's ``lr=None`` take the same
+            steps. ``lr=None`` (Hugging Face's spelling, relative step only) stores
+            ``lr=1e-2, external_lr=False``: the step never reads ``lr``, so a
+            scheduler writing it (``AdafactorSchedule``) does not change it.
         eps: :math:`(\epsilon_1, \epsilon_2)`: regulariser added to :math:`G^2`
             (default 1e-30) and floor of the parameter RMS in parameter scaling
             (default 1e-3).
@@ -211,7 +168,7 @@ class Adafactor(MatrixOptimizer):
             (default True).
         relative_step: time-dependent step :math:`\rho_t` (default True).
         warmup_init: :math:`\rho_t = \min(10^{-6} t, 1/\sqrt t)` (needs
-            ``relative_step=True`` and ``lr=None``) (default False).
+            ``relative_step=True``; ``lr`` is not read) (default False).
         min_dim_size_to_factor: factor only tensors whose second largest dim is
             at least this (default 1: every tensor with ≥ 2 dims, as Hugging
             Face; optax/big_vision use 128).
@@ -225,6 +182,10 @@ class Adafactor(MatrixOptimizer):
             ``momentum_dtype``), ``"fp32"``, ``"bf16"`` or ``"int8"`` (block-wise
             8-bit, :mod:`matrixopt.optim._state`); the factored statistics are
             already tiny and stay float32.
+        external_lr: whether the relative step reads ``lr`` as its cap
+            (default True; ``False``: :math:`\rho_t = \min(10^{-2}, 1/\sqrt t)`,
+            Hugging Face's rule, what ``lr=None`` selects). Ignored with
+            ``relative_step=False``.
 
     The factored dims are the two largest (:func:`factored_dims`), so a conv
     weight ``[out, in, kh, kw]`` keeps statistics of sizes ``out·kh·kw`` and
@@ -245,7 +206,7 @@ class Adafactor(MatrixOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | Tensor | None = None,
+        lr: float | Tensor | None = 1e-2,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float | None = 1.0,
         decay_rate: float = -0.8,
@@ -260,9 +221,12 @@ class Adafactor(MatrixOptimizer):
         momentum_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         state_dtype: str | None = None,
+        external_lr: bool = True,
     ) -> None:
+        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
         defaults = dict(
-            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
+            decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
@@ -291,6 +255,12 @@ class Adafactor(MatrixOptimizer):
                         f"Adafactor: param_groups[{i}]: state_dtype='int8' is not supported "
                         f"with FSDP2 (DTensor) parameters (its blocks would straddle the "
                         f"shards); use 'bf16', 'fp32' or None")
+
+    @staticmethod
+    def _get_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+        """Hugging Face's ``AdafactorSchedule`` reads the step size here
+        (:func:`hf_schedule_lr`)."""
+        return hf_schedule_lr(group, state)
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -332,6 +302,16 @@ class Adafactor(MatrixOptimizer):
         return dims
 
 
+def group_step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """:func:`~matrixopt.optim.functional.adafactor.step_sizes` with a group's settings
+    (advances the CPU counters); the relative step reads ``lr`` unless the group says
+    not to (``lr=None``, Hugging Face's rule, ``external_lr=False``)."""
+    lr = _float(group["lr"]) if group["external_lr"] or not group["relative_step"] else None
+    return step_sizes(steps, lr=lr, decay_rate=float(group["decay_rate"]),
+                      beta2_cap=_float(group["beta2_cap"]),
+                      relative_step=group["relative_step"], warmup_init=group["warmup_init"])
+
+
 def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                       dims: list[tuple[int, int] | None], group: dict[str, Any],
                       flags: StepFlags, reduce: Callable[[Tensor], Tensor] | None = None,
@@ -339,10 +319,7 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
     """:func:`~matrixopt.optim.functional.adafactor_` on local parameters whose state lives
     in ``states`` (any ``state_dtype`` of the momentum; group hyperparameters from
     ``group``). Shared by :class:`Adafactor` and GaLoreAdafactor's unprojected tensors."""
-    beta2s, rhos = step_sizes(
-        [s["step"] for s in states], lr=_float(group["lr"]),
-        decay_rate=float(group["decay_rate"]), beta2_cap=_float(group["beta2_cap"]),
-        relative_step=group["relative_step"], warmup_init=group["warmup_init"])
+    beta2s, rhos = group_step_sizes([s["step"] for s in states], group)
     sd, beta1 = group["state_dtype"], group["beta1"]
     # a quantised / converted momentum steps through a transient float32 copy
     moms: list[Tensor | None] = [None] * len(params)
@@ -400,13 +377,60 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         state["exp_avg"] = torch.zeros_like(p, dtype=dt)
 
 
+#: The relative step's cap when ``lr`` is not read (Hugging Face's constant).
+HF_RELATIVE_STEP_CAP = 1e-2
+
+
+def adafactor_lr_defaults(lr: Any, external_lr: bool, relative_step: Any
+                          ) -> tuple[Any, bool]:
+    """``lr=None`` (Hugging Face's spelling of "the relative step alone") as stored:
+    ``lr=1e-2`` (a number, so torch's schedulers work) and ``external_lr=False``
+    (the step does not read it). Other values pass through; ``lr=None`` with
+    ``relative_step=False`` is left for the group check to reject."""
+    if lr is None and relative_step is True:
+        return HF_RELATIVE_STEP_CAP, False
+    return lr, external_lr
+
+
+def hf_schedule_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+    r"""The step size :math:`\alpha_t` Hugging Face's ``AdafactorSchedule`` logs
+    (``optimizer._get_lr(group, state)``): :math:`\rho_t` at the state's ``step``,
+    times :math:`\max(\epsilon_2, \operatorname{RMS}(W))` of the group's first
+    parameter (the one whose state the schedule passes) with ``scale_parameter``.
+
+    The schedule then writes that value into ``group["lr"]``; a group whose step
+    reads ``lr`` (``relative_step=False``, or ``external_lr=True``) would change
+    its own step size, so that raises, asking for ``lr=None``. Called by the
+    scheduler, outside ``step()``: the RMS is one host read.
+    """
+    if not group["relative_step"] or (group["external_lr"] and not group["warmup_init"]):
+        raise ValueError(
+            "Adafactor: Hugging Face's AdafactorSchedule overwrites group['lr'] with the step "
+            "size it logs, but this group's step reads lr (relative_step="
+            f"{group['relative_step']}, external_lr={group['external_lr']}); construct the "
+            "optimizer with lr=None and relative_step=True (Hugging Face's setting for "
+            "AdafactorSchedule), or use a torch scheduler (docs/migration.md)")
+    step = state.get("step", 0)
+    t = max(1.0, float(step.item()) if isinstance(step, Tensor) else float(step))
+    rho = relative_step_size(t, None, True, bool(group["warmup_init"]))
+    if not group["scale_parameter"]:
+        return rho
+    p = local_tensor(group["params"][0]).detach()
+    rms = float(p.float().norm()) / math.sqrt(max(1, p.numel()))
+    return max(float(group["eps"][1]), rms) * rho
+
+
 def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> None:
     """Validate the Adafactor keys of a group (shared with GaLoreAdafactor)."""
     g = check.group
+    if g["lr"] is None:  # Hugging Face's spelling, given in a group dict
+        g["lr"], g["external_lr"] = adafactor_lr_defaults(None, g["external_lr"],
+                                                          g["relative_step"])
     check.number("lr", low=0.0, allow_none=True)
-    if g["lr"] is None and not g["relative_step"]:
+    if g["lr"] is None:
         raise check.fail("lr", "must be given when relative_step=False (lr=None means the "
                                "relative step schedule)")
+    check.boolean("external_lr")
     eps = g["eps"]
     if not (isinstance(eps, (tuple, list)) and len(eps) == 2
             and all(isinstance(e, (int, float)) and not isinstance(e, bool)
@@ -419,30 +443,10 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check.boolean("scale_parameter")
     check.boolean("relative_step")
     check.boolean("warmup_init")
-    if g["warmup_init"] and (not g["relative_step"] or g["lr"] is not None):
-        raise check.fail("warmup_init", "needs relative_step=True and lr=None")
+    if g["warmup_init"] and not g["relative_step"]:
+        raise check.fail("warmup_init", "needs relative_step=True")
     check.integer("min_dim_size_to_factor", low=1)
     check.number("beta2_cap", low=0.0, high=1.0, high_open=True, allow_none=True)
     check.dtype("momentum_dtype")
     check_state_dtype(check)
-
-
-def momentum_state_(state: dict[str, Any], update: Tensor, beta1: float,
-                    state_dtype: str | None) -> Tensor:
-    """EMA of ``update`` into ``state["exp_avg"]`` in its storage format (see
-    :mod:`matrixopt.optim._state`); returns the new momentum (the state tensor
-    itself when stored natively, else a transient float32 tensor)."""
-    if is_native(state, "exp_avg", state["exp_avg"], state_dtype):
-        return momentum_([state["exp_avg"]], [update], beta1)[0]
-    buf = load_moment(state, "exp_avg", compute_dtype(update), signed=True)
-    buf.lerp_(update.to(buf.dtype), 1.0 - beta1)
-    store_moment(state, "exp_avg", buf, state_dtype, signed=True)
-    return buf
-
-
-def momentum_(exp_avgs: list[Tensor], updates: list[Tensor], beta1: float) -> list[Tensor]:
-    """EMA of the (already α-scaled) updates, in the buffers' dtype; returns the buffers."""
-    torch._foreach_lerp_(exp_avgs, [u.to(m.dtype) for u, m in zip(updates, exp_avgs)],
-                         1.0 - beta1)
-    return exp_avgs
 

@@ -25,6 +25,7 @@ Matrices of the same shape within a group are orthogonalised as one batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,7 +42,7 @@ from ._common import (
     check_grad,
 )
 from ._dist import resolve_strategy
-from ._distributed import local_tensor
+from ._distributed import _is_dtensor, local_tensor
 from ._nonfinite import StepFlags
 from ._state import (
     check_state_dtype,
@@ -52,11 +53,36 @@ from ._state import (
     store_moment,
 )
 from .functional.muon import ADJUST_LR_MODES, muon_, muon_update_scale
+from .routing import external_stacklevel
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
 _ALGORITHMS = ("auto", "muon", "adamw")
 _VIEWS = ("auto", "flatten", "batch")
+
+
+def _split_spec(split: Any) -> tuple[int, str] | None:
+    """``split`` as ``(k, "rows" | "cols")`` (``None`` stays ``None``); ``ValueError`` if bad."""
+    if split is None:
+        return None
+    if isinstance(split, int) and not isinstance(split, bool) and split >= 1:
+        return split, "rows"
+    if (isinstance(split, (tuple, list)) and len(split) == 2 and isinstance(split[0], int)
+            and not isinstance(split[0], bool) and split[0] >= 1 and split[1] in ("rows", "cols")):
+        return int(split[0]), str(split[1])
+    raise ValueError(f"split must be None, an int k >= 1 or (k, 'rows'|'cols'), got {split!r}")
+
+
+def _col_blocks(x: Tensor, view: tuple[int, int, int], k: int) -> Tensor:
+    """``[..]`` tensor viewed as ``(b, m, n)`` → its ``k`` column blocks ``[b·k, m, n/k]``."""
+    b, m, n = view
+    return x.reshape(b, m, k, n // k).transpose(1, 2).reshape(b * k, m, n // k)
+
+
+def _col_unblocks(x: Tensor, view: tuple[int, int, int], k: int) -> Tensor:
+    """Inverse of :func:`_col_blocks`, as ``[b, m, n]``."""
+    b, m, n = view
+    return x.reshape(b, k, m, n // k).transpose(1, 2).reshape(b, m, n)
 
 
 def _float(x: float | Tensor) -> float:
@@ -102,10 +128,20 @@ class Muon(MatrixOptimizer):
         matrix_view: how parameters with > 2 dims become matrices: ``"flatten"``
             (``[out, in, *k] → out × in·∏k``, convolutions), ``"batch"``
             (``[*E, r, c]`` → a batch of ``r × c`` matrices, stacked experts), or
-            ``"auto"`` (default: 3-D → batch, ≥ 4-D → flatten). Conv1d weights are
-            3-D: give them ``"flatten"`` (``muon_param_groups`` does).
-        split: ``None`` or an int ``k``: split the matrix rows into ``k`` equal
-            blocks orthogonalised separately (fused QKV: ``split=3``).
+            ``"auto"`` (default: 3-D → batch, ≥ 4-D → flatten). A bare tensor
+            does not say which module it came from: a 3-D parameter may be a
+            Conv1d weight ``[out, in, k]`` (wants ``"flatten"``) or a stack of
+            experts (wants ``"batch"``), so ``"auto"`` warns once per group that
+            holds a 3-D parameter. ``muon_param_groups(model)`` knows the module
+            and sets the view; otherwise set ``matrix_view`` for that group.
+        split: ``None``, an int ``k`` or ``(k, "rows" | "cols")``: orthogonalise
+            ``k`` equal blocks of the matrix separately — ``k`` / ``(k, "rows")``
+            cuts the rows (fused QKV ``[3d, d]`` of ``nn.Linear`` /
+            ``nn.MultiheadAttention``: ``split=3``), ``(k, "cols")`` the columns
+            (Hugging Face ``Conv1D`` stores ``c_attn`` as ``[d, 3d]``:
+            ``split=(3, "cols")``). The update scale ``s(m, n)`` then comes from
+            the block shape. Column splits are not supported on FSDP2 (DTensor)
+            parameters.
         normuon: NorMuon (Li et al. 2025): after orthogonalisation, divide each
             row by the root of an EMA of its mean square, then rescale to keep the
             Frobenius norm (default False).
@@ -158,7 +194,7 @@ class Muon(MatrixOptimizer):
         ns_method: str = "auto",
         ns_backend: str = "auto",
         matrix_view: str = "auto",
-        split: int | None = None,
+        split: int | tuple[int, str] | None = None,
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         cautious_wd: bool = False,
@@ -223,7 +259,11 @@ class Muon(MatrixOptimizer):
         check.choice("ns_method", ("auto", "standard", "gram"))
         check.choice("ns_backend", ("auto", "torch", "triton"))
         check.choice("matrix_view", _VIEWS)
-        check.integer("split", low=1, allow_none=True)
+        try:
+            split = _split_spec(g["split"])
+        except ValueError:
+            raise check.fail("split", "must be None, an int k >= 1 or (k, 'rows'|'cols')"
+                             ) from None
         check.boolean("normuon")
         check.number("normuon_beta2", low=0.0, high=1.0, high_open=True)
         check.boolean("cautious_wd")
@@ -241,12 +281,30 @@ class Muon(MatrixOptimizer):
                     f"Muon: param_groups[{check.index}]: algorithm 'muon' needs parameters with "
                     f">= 2 dims, got one of shape {tuple(p.shape)}; use algorithm='adamw' or "
                     f"'auto' for it")
-            if alg == "muon" and g["split"] is not None:
-                _, m, _ = self._view_shape({**g, "split": None}, p)
-                if m % g["split"]:
+            if alg == "muon" and split is not None:
+                _, m, n = self._view_shape({**g, "split": None}, p)
+                k, along = split
+                if (m if along == "rows" else n) % k:
                     raise GroupError(
-                        f"Muon: param_groups[{check.index}]: split={g['split']} does not divide "
-                        f"the {m} rows of a parameter of shape {tuple(p.shape)}")
+                        f"Muon: param_groups[{check.index}]: split={g['split']!r} does not "
+                        f"divide the {m if along == 'rows' else n} {along} of a parameter of "
+                        f"shape {tuple(p.shape)}")
+                if along == "cols" and _is_dtensor(p):
+                    raise GroupError(
+                        f"Muon: param_groups[{check.index}]: split={g['split']!r} (columns) is "
+                        f"not supported with FSDP2 (DTensor) parameters; split rows instead")
+        ambiguous = [tuple(p.shape) for p in g["params"]
+                     if p.ndim == 3 and g["matrix_view"] == "auto"
+                     and self._algorithm_for(g, p) == "muon"]
+        if ambiguous:
+            warnings.warn(
+                f"Muon: param_groups[{check.index}]: matrix_view='auto' treats the 3-D "
+                f"parameter(s) of shape {ambiguous[:3]} as batches of matrices (stacked "
+                f"experts [E, rows, cols]); a Conv1d weight [out, in, k] needs "
+                f"matrix_view='flatten'. A bare tensor does not say which it is: use "
+                f"matrixopt.optim.muon_param_groups(model), which knows the modules, or set "
+                f"matrix_view='batch' / 'flatten' for this group",
+                stacklevel=external_stacklevel())
 
     # ----------------------------------------------------------------- routing
     @staticmethod
@@ -269,8 +327,11 @@ class Muon(MatrixOptimizer):
             b, m, n = 1, shape[0], math.prod(shape[1:])
         else:
             b, m, n = math.prod(shape[:-2]), shape[-2], shape[-1]
-        k = group["split"] or 1
-        return b * k, m // k, n
+        split = _split_spec(group["split"])
+        if split is None:
+            return b, m, n
+        k, along = split
+        return (b * k, m // k, n) if along == "rows" else (b * k, m, n // k)
 
     # -------------------------------------------------------------------- step
     def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -327,12 +388,25 @@ class Muon(MatrixOptimizer):
                 normalization=group["normalization"], dtype=group["ns_dtype"],
                 method=group["ns_method"], backend=group["ns_backend"])
 
+        split = _split_spec(group["split"])
+        cols_k = split[0] if split is not None and split[1] == "cols" else 0
+        whole = [self._view_shape({**group, "split": None}, p) for p in keys]
+
+        def orthogonalize_all(dirs: list[Tensor]) -> list[Tensor]:
+            if cols_k:  # a column split: each block made contiguous
+                dirs = [_col_blocks(d, v, cols_k) for d, v in zip(dirs, whole)]
+            return self._strategy.orthogonalize(dirs, views, [p.shape for p in keys], orth,
+                                                comm_dtype=group["ns_dtype"])
+
+        def unview(i: int, O: Tensor) -> Tensor:
+            if cols_k:
+                O = _col_unblocks(O, whole[i], cols_k)
+            return O.reshape(params[i].shape)
+
         muon_(params, [g.to(b.dtype) for g, b in zip(grads, bufs)], bufs, views=views, lr=lr,
               weight_decay=wd, mu=float(group["momentum"]), nesterov=group["nesterov"],
               scales=[muon_update_scale(m, n, group["adjust_lr"]) for _, m, n in views],
-              orthogonalize=lambda dirs: self._strategy.orthogonalize(
-                  dirs, views, [p.shape for p in keys], orth, comm_dtype=group["ns_dtype"]),
-              cautious_wd=group["cautious_wd"],
+              orthogonalize=orthogonalize_all, unview=unview, cautious_wd=group["cautious_wd"],
               row_stats=[s["normuon_v"] for s in states] if group["normuon"] else None,
               normuon_beta2=float(group["normuon_beta2"]), flags=flags)
         if not native:

@@ -288,7 +288,6 @@ def test_works_with_lr_scheduler_and_closure():
 @pytest.mark.parametrize("kw, key", [
     ({"lr": None, "relative_step": False}, "lr"),
     ({"warmup_init": True, "relative_step": False, "lr": 0.1}, "warmup_init"),
-    ({"warmup_init": True, "lr": 0.1}, "warmup_init"),
     ({"eps": (1e-30,)}, "eps"),
     ({"eps": (-1.0, 1e-3)}, "eps"),
     ({"decay_rate": 0.5}, "decay_rate"),

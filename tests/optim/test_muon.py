@@ -257,8 +257,10 @@ def test_loads_torch_optim_muon_checkpoint():
     opt = Muon([ours], lr=0.02)
     opt.load_state_dict(topt.state_dict())
     assert torch.equal(opt.state[ours]["momentum_buffer"], topt.state[tp]["momentum_buffer"])
-    # keys torch does not know are filled from our defaults, so stepping works
-    assert opt.param_groups[0]["adjust_lr"] == "match_rms_adamw"
+    # torch's keys are translated (adjust_lr_fn=None is torch's "original" scale), its
+    # Newton-Schulz eps is dropped; keys torch does not know keep the constructor's
+    assert opt.param_groups[0]["adjust_lr"] == "original"
+    assert opt.param_groups[0]["eps"] == 1e-8 and opt.param_groups[0]["betas"] == (0.9, 0.999)
     ours.grad = torch.randn(6, 10)
     opt.step()
     assert torch.isfinite(ours).all()

@@ -91,6 +91,7 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
           views: Sequence[tuple[int, int, int]], lr: float, weight_decay: float, mu: float,
           nesterov: bool, scales: Sequence[float],
           orthogonalize: Callable[[list[Tensor]], list[Tensor]],
+          unview: Callable[[int, Tensor], Tensor] | None = None,
           cautious_wd: bool = False, row_stats: list[Tensor] | None = None,
           normuon_beta2: float = 0.95, flags: StepFlags = _OFF) -> None:
     r"""One Muon step in place (``grads`` read, never written).
@@ -101,8 +102,10 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
         views: ``(b, m, n)`` of each parameter as a batch of matrices.
         scales: :func:`muon_update_scale` of each parameter's ``(m, n)``.
         orthogonalize: maps the directions (parameter-shaped) to their
-            orthogonalised updates (parameter-shaped); batching and any
+            orthogonalised updates, each shaped ``views[i]``; batching and any
             communication are its business.
+        unview: maps update ``i`` from ``views[i]`` back to the parameter's shape
+            (default: a reshape; a column split permutes its blocks back).
         row_stats: NorMuon statistics ``[b, m]`` per parameter (``None``: off).
     """
     if not params:
@@ -110,11 +113,11 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
     dirs = momentum_(bufs, grads, mu, nesterov, flags)
     # a momentum kept in another precision (state_dtype) steers in the parameter's
     dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, params)]
-    ortho = orthogonalize(dirs)
+    ortho = [O.reshape(v) for O, v in zip(orthogonalize(dirs), views)]
     if row_stats is not None:
-        shaped = normuon_(row_stats, [O.reshape(v) for O, v in zip(ortho, views)],
-                          normuon_beta2, flags)
-        ortho = [O.reshape(p.shape) for O, p in zip(shaped, params)]
+        ortho = normuon_(row_stats, ortho, normuon_beta2, flags)
+    ortho = [unview(i, O) if unview is not None else O.reshape(p.shape)
+             for i, (O, p) in enumerate(zip(ortho, params))]
     sizes = flags.weights([lr * s for s in scales], 0.0, params)
     updates = [O.reshape(p.shape).mul(c) for O, p, c in zip(ortho, params, sizes)]
     if weight_decay != 0.0:

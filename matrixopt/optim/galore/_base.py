@@ -30,6 +30,7 @@ from .._nonfinite import StepFlags
 from .._state import ABSMAX, check_state_dtype, init_moment, load_moment, store_moment
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
+from ..routing import external_stacklevel
 
 __all__ = ["PROJ_TYPES", "PROJECTORS", "ON_REFRESH", "RESIDUALS", "galore_defaults"]
 
@@ -157,6 +158,8 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
         self._resolve_strategy()
+        self._galore_built = True
+        self._warn_no_rank()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -176,6 +179,54 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _check_group(self, check: _GroupChecker) -> None:
         check_galore_keys(check)
         self._check_inner(check)
+        self._warn_rank_clipped(check)
+        if getattr(self, "_galore_built", False):  # add_param_group after construction
+            self._warn_no_rank()
+
+    def _warn_no_rank(self) -> None:
+        """Warn (once per optimizer) when no group sets ``rank``: every matrix then runs
+        the plain inner optimizer, which is a silent no-op of GaLore."""
+        if getattr(self, "_warned_no_rank", False):
+            return
+        if any(g["rank"] is not None for g in self.param_groups):
+            return
+        mats = [(i, tuple(p.shape)) for i, g in enumerate(self.param_groups)
+                for p in g["params"] if p.ndim >= 2]
+        if not mats:
+            return
+        self._warned_no_rank = True
+        name = type(self).__name__
+        groups = sorted({i for i, _ in mats})
+        warnings.warn(
+            f"{name}: no parameter group sets rank, so none of the {len(mats)} matrices "
+            f"(param_groups{groups}, e.g. shape {mats[0][1]}) is projected: {name} runs as "
+            f"plain {'AdamW' if 'AdamW' in name else 'Adafactor'}. Give the matrices a "
+            f"rank, e.g. {name}(matrixopt.optim.galore_param_groups(model, rank=128))",
+            stacklevel=external_stacklevel())
+
+    def _warn_rank_clipped(self, check: _GroupChecker) -> None:
+        """Warn once per group when ``rank`` exceeds ``min(m, n)`` of a matrix: it is
+        clipped, and at full rank the projected state (moments plus basis) is larger
+        than the plain optimizer's."""
+        g = check.group
+        if g["rank"] is None:
+            return
+        r = int(g["rank"])
+        over = []
+        for p in g["params"]:
+            if p.ndim >= 2:
+                v = matrix_view(p.shape, g["matrix_view"])
+                if r > min(v.m, v.n):
+                    over.append((tuple(p.shape), min(v.m, v.n)))
+        if over:
+            warnings.warn(
+                f"{check.owner}: param_groups[{check.index}]: rank={r} exceeds min(m, n) of "
+                f"{len(over)} matrix(es) (e.g. shape {over[0][0]}, min(m, n) = {over[0][1]}): "
+                f"the rank is clipped to min(m, n), where the projected state (moments plus "
+                f"an m x r or r x n basis) is larger than unprojected "
+                f"{'AdamW' if 'AdamW' in check.owner else 'Adafactor'}'s. Use a smaller rank, "
+                f"or put these parameters in a group without rank",
+                stacklevel=external_stacklevel())
 
     # ------------------------------------------------------------------ shapes
     @staticmethod

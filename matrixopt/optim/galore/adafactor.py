@@ -20,11 +20,14 @@ from .._state import compute_dtype, is_native, load_moment, store_moment, zero_m
 from ..adafactor import (
     _float,
     _init_sharded_state,
+    adafactor_lr_defaults,
     adafactor_states_,
     check_adafactor_group,
+    group_step_sizes,
+    hf_schedule_lr,
     init_adafactor_state,
 )
-from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype, step_sizes
+from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype
 from ._base import GaLoreBase, Item, galore_defaults
 
 __all__ = ["GaLoreAdafactor"]
@@ -55,14 +58,16 @@ class GaLoreAdafactor(GaLoreBase):
     Args: Adafactor's (``lr``, ``eps``, ``clip_threshold``, ``decay_rate``,
     ``beta1``, ``weight_decay``, ``scale_parameter``, ``relative_step``,
     ``warmup_init``, ``min_dim_size_to_factor``, ``beta2_cap``,
-    ``momentum_dtype``; same defaults) and GaLore's (see :class:`GaLoreAdamW`).
+    ``momentum_dtype``, ``external_lr``; same defaults, ``lr=1e-2``, ``lr=None``
+    meaning Hugging Face's relative step that never reads ``lr``) and GaLore's
+    (see :class:`GaLoreAdamW`).
     Groups without ``rank`` are plain Adafactor.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | Tensor | None = None,
+        lr: float | Tensor | None = 1e-2,
         eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float | None = 1.0,
         decay_rate: float = -0.8,
@@ -90,9 +95,12 @@ class GaLoreAdafactor(GaLoreBase):
         matrix_view: str = "auto",
         proj_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        external_lr: bool = True,
     ) -> None:
+        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
         defaults = dict(
-            lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
+            decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter,
             relative_step=relative_step, warmup_init=warmup_init,
             min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
@@ -104,6 +112,12 @@ class GaLoreAdafactor(GaLoreBase):
 
     def _check_inner(self, check: _GroupChecker) -> None:
         check_adafactor_group(check)
+
+    @staticmethod
+    def _get_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
+        """Hugging Face's ``AdafactorSchedule`` reads the step size here
+        (:func:`~matrixopt.optim.adafactor.hf_schedule_lr`)."""
+        return hf_schedule_lr(group, state)
 
     def _plain_step(self, group: dict[str, Any], keys: list[Tensor], params: list[Tensor],
                     grads: list[Tensor], flags: StepFlags) -> None:
@@ -133,10 +147,7 @@ class GaLoreAdafactor(GaLoreBase):
     def _inner_direction(self, group: dict[str, Any], item: Item, R: Tensor, flags: StepFlags
                          ) -> tuple[Tensor, Any, Any]:
         st = item.state
-        (beta2,), (rho,) = step_sizes(
-            [st["step"]], lr=_float(group["lr"]), decay_rate=float(group["decay_rate"]),
-            beta2_cap=_float(group["beta2_cap"]), relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"])
+        (beta2,), (rho,) = group_step_sizes([st["step"]], group)
 
         def w(k: str) -> Tensor | None:
             return self._w(st[k]) if k in st else None
