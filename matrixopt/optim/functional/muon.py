@@ -102,8 +102,8 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
         views: ``(b, m, n)`` of each parameter as a batch of matrices.
         scales: :func:`muon_update_scale` of each parameter's ``(m, n)``.
         orthogonalize: maps the directions (parameter-shaped) to their
-            orthogonalised updates, each shaped ``views[i]``; batching and any
-            communication are its business.
+            orthogonalised updates (shaped like the directions or like ``views[i]``);
+            batching and any communication are its business.
         unview: maps update ``i`` from ``views[i]`` back to the parameter's shape
             (default: a reshape; a column split permutes its blocks back).
         row_stats: NorMuon statistics ``[b, m]`` per parameter (``None``: off).
@@ -113,9 +113,10 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
     dirs = momentum_(bufs, grads, mu, nesterov, flags)
     # a momentum kept in another precision (state_dtype) steers in the parameter's
     dirs = [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(dirs, params)]
-    ortho = [O.reshape(v) for O, v in zip(orthogonalize(dirs), views)]
+    ortho = orthogonalize(dirs)
     if row_stats is not None:
-        ortho = normuon_(row_stats, ortho, normuon_beta2, flags)
+        ortho = normuon_(row_stats, [O.reshape(v) for O, v in zip(ortho, views)],
+                         normuon_beta2, flags)
     ortho = [unview(i, O) if unview is not None else O.reshape(p.shape)
              for i, (O, p) in enumerate(zip(ortho, params))]
     sizes = flags.weights([lr * s for s in scales], 0.0, params)
