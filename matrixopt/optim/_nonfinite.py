@@ -48,6 +48,16 @@ _FULL = (torch.float32, torch.float64)
 def _weight_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
+
+def _scalar(v: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``v`` as a 0-dim tensor usable beside ``device`` tensors without a host-to-device
+    copy: a number is filled on the device by a kernel (no transfer), a 0-dim CPU
+    tensor (a step size while compiling) stays on the CPU, where kernels on any
+    device read it as a scalar."""
+    if isinstance(v, Tensor):
+        return v.to(dtype)
+    return torch.full((), v, dtype=dtype, device=device)
+
 #: State key of the per-parameter count of skipped (non-finite) gradients.
 NONFINITE_COUNT = "nonfinite_count"
 
@@ -110,7 +120,7 @@ class StepFlags:
             return list(values)
         dts = [_weight_dtype(x) for x in like] if like is not None else [torch.float32] * len(
             self.ok)
-        return [torch.where(f, torch.as_tensor(v, dtype=dt, device=f.device), off)
+        return [torch.where(f, _scalar(v, dt, f.device), off)
                 for f, v, dt in zip(self.ok, values, dts)]
 
     def weight(self, i: int, value: Any, off: float, like: Tensor | None = None) -> Any:
@@ -120,7 +130,7 @@ class StepFlags:
         dt = (_weight_dtype(like) if like is not None else
               value.dtype if isinstance(value, Tensor) else torch.float32)
         f = self.ok[i]
-        return torch.where(f, torch.as_tensor(value, dtype=dt, device=f.device), off)
+        return torch.where(f, _scalar(value, dt, f.device), off)
 
     def select(self, i: int, new: Tensor, old: Tensor) -> Tensor:
         """``new`` where entry ``i`` is finite, else ``old`` (``new`` itself when off)."""

@@ -232,7 +232,9 @@ def apply_(w: Tensor, u: Tensor, momentum: Tensor | None, *, alpha: Any, coef: A
         w.sub_(flags.select(0, momentum.to(w.dtype), torch.zeros((), dtype=w.dtype,
                                                                   device=w.device)))
     elif isinstance(coef, Tensor) or flags.active:
-        step = flags.weight(0, torch.as_tensor(coef, device=w.device).to(w.dtype), 0.0, w)
+        step = flags.weight(0, coef if isinstance(coef, Tensor) else
+                            torch.full((), coef, dtype=w.dtype, device=w.device), 0.0, w)
+        step = step.to(w.dtype)
         w.addcmul_(u.to(w.dtype), step, value=-1.0)
     else:
         w.add_(u.to(w.dtype), alpha=-coef)
