@@ -245,6 +245,8 @@ class MatrixOptimizer(Optimizer):
         Optimizer hooks (``register_step_pre_hook``) do not run: this is not a step.
         """
         self._step_selected(self._select(list(params)))
+        # what torch's step() wrapper records: lr schedulers check it
+        self._opt_called = True  # type: ignore[attr-defined]
 
     def _positions(self) -> dict[int, tuple[int, int]]:
         """``id(p) -> (group index, position in the group)``, rebuilt when groups change."""

@@ -28,14 +28,17 @@ galore-torch's per-layer recipe (one optimizer object per parameter):
   it needs every gradient before the first step, which is exactly what
   layer-wise stepping avoids keeping.
 
-A parameter is stepped through the ordinary ``optimizer.step()`` with every
-other parameter's gradient temporarily hidden, so the optimizer's own code
-path, hyperparameters (including the scheduler's lr) and state are used.
-Known differences from regular stepping: Muon orthogonalises each matrix alone
-instead of in same-shape batches (the same math, float rounding may differ in
-the last bits); GaLore's ``stagger`` slots are assigned among the matrices
-initialised in the same ``step()`` call, which is one matrix here, so use
-``stagger=1`` (or expect every matrix in slot 0).
+A matrixopt optimizer steps the parameter through
+:meth:`~matrixopt.optim._common.MatrixOptimizer.step_parameters`: the same code
+path, hyperparameters (including the scheduler's lr) and state as ``step()``,
+in Python work independent of the number of parameters (one dictionary look-up
+to find the parameter's group). Any other optimizer (``torch.optim.AdamW``)
+steps through its ``step()`` with every other gradient temporarily hidden
+(O(P) work per parameter). Known difference from regular stepping: Muon
+orthogonalises each matrix alone instead of in same-shape batches (the same
+math, float rounding may differ in the last bits). GaLore's ``stagger`` slots
+come from each matrix's position in its group, so they are the same as with
+regular stepping.
 """
 
 from __future__ import annotations
@@ -109,16 +112,21 @@ class LayerwiseStepper:
         if self.max_grad_norm is not None:
             norm = torch.linalg.vector_norm(p.grad.float())
             p.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))
-        hidden: list[tuple[Tensor, Tensor]] = []
-        for q in self._params:
-            if q is not p and q.grad is not None:
-                hidden.append((q, q.grad))
-                q.grad = None
-        try:
-            self.optimizer.step()
-        finally:
-            for q, g in hidden:
-                q.grad = g
+        step_parameters = getattr(self.optimizer, "step_parameters", None)
+        if step_parameters is not None:  # matrixopt: O(1) in the number of parameters
+            step_parameters([p])
+        else:
+            # any other torch optimizer: its own step() with the other gradients hidden
+            hidden: list[tuple[Tensor, Tensor]] = []
+            for q in self._params:
+                if q is not p and q.grad is not None:
+                    hidden.append((q, q.grad))
+                    q.grad = None
+            try:
+                self.optimizer.step()
+            finally:
+                for q, g in hidden:
+                    q.grad = g
         p.grad = None
         self.param_steps += 1
 

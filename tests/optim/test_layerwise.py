@@ -29,6 +29,12 @@ OPTS = {
                                            "rank": 4, "update_proj_gap": 3, "stagger": 1},
                                           {"params": [p for p in m.parameters() if p.ndim < 2]}],
                                          lr=1e-2, state_dtype="int8"),
+    # default stagger (4 slots): each matrix's slot comes from its position in the group,
+    # so layer-wise stepping refreshes the same matrices at the same steps
+    "galore_stagger": lambda m: GaLoreAdamW(
+        [{"params": [p for p in m.parameters() if p.ndim == 2], "rank": 4,
+          "update_proj_gap": 4},
+         {"params": [p for p in m.parameters() if p.ndim < 2]}], lr=1e-2),
 }
 
 
@@ -114,3 +120,45 @@ def test_flush_steps_parameters_left_with_a_gradient():
     stepper.flush()
     assert all(p.grad is None for p in model.parameters())
     assert stepper.param_steps == len(list(model.parameters()))
+
+
+def test_galore_stagger_slots_are_the_same_layerwise():
+    slots = []
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+        opt = OPTS["galore_stagger"](model)
+        stepper = LayerwiseStepper(opt) if layerwise else None
+        model(torch.randn(8, 16)).square().mean().backward()
+        if stepper is None:
+            opt.step()
+        slots.append([int(opt.state[p]["refresh_offset"]) for p in model.parameters()
+                      if p.ndim == 2])
+    assert slots[0] == slots[1] == [0, 1, 2, 3]  # four 16x16 matrices, gap 4, 4 slots
+
+
+class _CountingList(list):
+    iterations = 0
+
+    def __iter__(self):
+        type(self).iterations += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("name", ["muon", "galore_stagger"])
+def test_step_parameters_does_not_walk_the_other_parameters(name):
+    """Layer-wise stepping of a matrixopt optimizer is O(1) Python work per parameter:
+    after the first step (state created, position table built) stepping one parameter
+    never iterates over its group's parameter list."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(40)])
+    opt = OPTS[name](model)
+    stepper = LayerwiseStepper(opt)
+    x = torch.randn(4, 8)
+    model(x).square().mean().backward()  # first step: creates state
+    for g in opt.param_groups:
+        g["params"] = _CountingList(g["params"])
+    _CountingList.iterations = 0
+    model(x).square().mean().backward()
+    assert stepper.param_steps == 2 * len(list(model.parameters()))
+    assert _CountingList.iterations == 0
