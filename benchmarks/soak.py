@@ -181,8 +181,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--masked", action="store_true",
-                   help="force the masked skip path accelerators take (no CPU shortcut)")
     p.add_argument("--timing-only", action="store_true", help="only the skip-vs-ignore timing")
     return p.parse_args(argv)
 
@@ -191,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.masked:
-        from matrixopt.optim._common import SkipNonFinite
-        SkipNonFinite.cpu_shortcut = False
     data = CharData()
-    print(f"masked skip path: {args.masked}")
     print(f"GPT {args.n_layer}x{args.d_model}, {args.steps} steps of "
           f"{args.batch_size}x{args.seq_len}; NaN/Inf every {args.inject_every}, "
           f"checkpoint/restore every {args.ckpt_every}; torch {torch.__version__}, "

@@ -7,9 +7,12 @@
   load).
 * validation helpers whose messages name the group index, the key and the value.
 * gradient checks run at ``step()`` (sparse and complex gradients).
-* the per-group non-finite gradient policy (``nonfinite`` = ``"skip"``,
-  ``"raise"``, ``"ignore"``): :class:`SkipNonFinite` (masked, no host
-  synchronisation) and :meth:`MatrixOptimizer._raise_on_nonfinite`.
+* the step skeleton: :meth:`MatrixOptimizer.step` and
+  :meth:`MatrixOptimizer.step_parameters` select the parameters with a
+  gradient and call the subclass's ``_step_group``; the per-group non-finite
+  policy (``nonfinite`` = ``"skip"``, ``"raise"``, ``"ignore"``) is decided here
+  (``"skip"``: :class:`~matrixopt.optim._nonfinite.StepFlags` folded into the
+  math's writes, no snapshot, no host synchronisation).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._dist import Single, Strategy
-from ._distributed import _is_dtensor, local_tensor
 from ._nonfinite import StepFlags
 
 __all__ = [
@@ -33,16 +35,11 @@ __all__ = [
     "GroupError",
     "NonFiniteGradientError",
     "NONFINITE_POLICIES",
-    "SkipNonFinite",
     "check_grad",
-    "finite_flags",
-    "matrix_shape",
 ]
 
-#: Values of the ``nonfinite`` group key (see :class:`SkipNonFinite`).
+#: Values of the ``nonfinite`` group key (see :mod:`matrixopt.optim._nonfinite`).
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
-#: State key of the per-parameter count of skipped (non-finite) gradients.
-NONFINITE_COUNT = "nonfinite_count"
 
 # Keys torch or common tooling may put into a parameter group besides the
 # optimizer's own hyperparameters: "name"/"param_names" (torch >= 2.6 named
@@ -312,32 +309,6 @@ class MatrixOptimizer(Optimizer):
             f"{tuple(p.shape)}: gradient contains NaN or Inf (nonfinite='raise'); nothing "
             f"was updated. Use nonfinite='skip' to skip such parameters instead.")
 
-    # -- non-finite gradients ---------------------------------------------
-    def _raise_on_nonfinite(self) -> None:
-        """For groups with ``nonfinite="raise"``: raise :class:`NonFiniteGradientError`
-        naming the group and parameter index of the first gradient with NaN/Inf.
-
-        Called at the start of ``step()``, before anything is modified; one host
-        synchronisation per such group (only that policy pays it).
-        """
-        for gi, group in enumerate(self.param_groups):
-            if group.get("nonfinite") != "raise":
-                continue
-            pairs = [(j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
-            if not pairs:
-                continue
-            flags = finite_flags([p.grad for _, p in pairs])  # type: ignore[misc]
-            devices = {f.device for f in flags}
-            if all(bool(torch.stack([f for f in flags if f.device == d]).all()) for d in devices):
-                continue
-            j, p = next(jp for jp, f in zip(pairs, flags) if not bool(f))
-            names = group.get("param_names")
-            name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""
-            raise NonFiniteGradientError(
-                f"{type(self).__name__}: param_groups[{gi}]['params'][{j}]{name} of shape "
-                f"{tuple(p.shape)}: gradient contains NaN or Inf (nonfinite='raise'); nothing "
-                f"was updated. Use nonfinite='skip' to skip such parameters instead.")
-
     # -- loading ------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, after checking and converting the checkpoint.
@@ -418,136 +389,6 @@ def load_state_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict[str, 
                 st[k] = v.to(device=p.device, copy=True)
 
 
-def _full(x: Tensor) -> Tensor:
-    """A DTensor reduction as a plain tensor (a collective over its mesh), else ``x``."""
-    return x.full_tensor() if isinstance(x, Tensor) and _is_dtensor(x) else x
-
-
-def finite_flags(grads: Sequence[Tensor]) -> list[Tensor]:
-    r"""Per gradient, a 0-dim bool tensor on its device: ``True`` iff it is finite.
-
-    Computed as :math:`\operatorname{isfinite}(\sum_i g_i)` (one vectorised
-    reduction, no host synchronisation): NaN and ±Inf entries propagate into the
-    sum. A finite gradient whose sum overflows (:math:`|\sum g| \gtrsim 3.4\cdot
-    10^{38}`, accumulated in float32 for float32/bf16/fp16) also counts as
-    non-finite -- such a gradient would overflow Adam's second moment anyway.
-    """
-    return _flags([_full(g.sum()) for g in grads])
-
-
-def _flags(sums: list[Tensor]) -> list[Tensor]:
-    """:func:`finite_flags` from the gradients' sums."""
-    flags: list[Tensor] = [torch.empty(0)] * len(sums)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, x in enumerate(sums):
-        by_device.setdefault(x.device, []).append(i)
-    for idx in by_device.values():  # one isfinite per device, views per gradient
-        ok = torch.isfinite(torch.stack([sums[i] for i in idx]))
-        for i, f in zip(idx, ok.unbind()):
-            flags[i] = f
-    return flags
-
-
-class SkipNonFinite:
-    r"""The ``nonfinite="skip"`` policy for one group's step, as a masked update.
-
-    Usage inside a step, after the state of ``params`` has been created and
-    before any of it is modified::
-
-        guard = SkipNonFinite(group, params, grads, self.state)
-        grads = guard.grads            # non-finite gradients replaced by zeros
-        ...                            # the unchanged update math
-        guard.finish()
-
-    For each parameter a 0-dim finite flag :math:`f` is computed on the device
-    (:func:`finite_flags`); the math runs on :math:`f\,?\,g : 0` so nothing
-    NaN enters batched work shared with other parameters (Muon's same-shape
-    orthogonalisation, GaLore's batched refresh); then every tensor it may
-    have changed -- the parameter and each state tensor, including ones the
-    step replaced (a refreshed GaLore basis) -- is set to
-    ``torch.where(f, new, old)`` from a copy taken here. So a skipped
-    parameter and its state (moments, momentum, step counters, the GaLore
-    refresh schedule) are bit-identical to before the step, and the state
-    counter ``nonfinite_count`` (int64, on the parameter's device) is
-    incremented. No host synchronisation: everything is a tensor op.
-
-    Limits: state tensors that live on another device than the parameter (the
-    CPU step counters, as torch keeps them, of a parameter on an accelerator)
-    cannot be masked without a synchronisation and advance as usual; state
-    keys the step creates (a first GaLore basis) are kept. With ``"raise"`` or
-    ``"ignore"`` this is a no-op (``grads`` passed through).
-
-    Cost: one reduction and one ``where`` per gradient, a copy of the
-    parameters and their state, and one ``where`` per tensor to restore --
-    per-tensor ops, so on small models the launch overhead dominates. On the
-    CPU, where reading the flags costs no synchronisation, an all-finite step
-    skips all of it (only the reductions remain); a step with a non-finite
-    gradient takes the masked path.
-    """
-
-    #: On the CPU, skip the copies and masks when every flag is True (reading a
-    #: CPU tensor is not a synchronisation). Tests switch it off to run the
-    #: masked path that accelerators always take.
-    cpu_shortcut: bool = True
-
-    def __init__(self, group: dict[str, Any], params: Sequence[Tensor], grads: Sequence[Tensor],
-                 state: Any) -> None:
-        self.active = group.get("nonfinite", "ignore") == "skip" and len(params) > 0
-        self.grads: list[Tensor] = list(grads)
-        if not self.active:
-            return
-        # FSDP2: the flag is the whole matrix's (a sum all-reduced over the
-        # shards, so every rank decides alike); the masking runs on local shards
-        self.params = [local_tensor(p) for p in params]
-        self.states = [state[p] for p in params]
-        sums = [_full(g.sum()) for g in self.grads]
-        if (self.cpu_shortcut and all(x.device.type == "cpu" for x in sums)
-                and all(map(math.isfinite, torch.stack(sums).tolist()))):
-            # reading CPU values is no synchronisation: an all-finite step on the
-            # CPU needs no copy and no masking (bit-identical to the masked path)
-            self.saved: Sequence[Tensor] = []
-            self.masked = False
-            return
-        self.masked = True
-        self.flags = _flags(sums)
-        self.grads = [torch.where(f, local_tensor(g), 0) for f, g in zip(self.flags, self.grads)]
-        # one foreach copy (x * 1 is exact) of the parameters and their state
-        # (state on another device than the flag -- CPU step counters of an
-        # accelerator parameter -- cannot be masked without a sync: not copied)
-        self.keys = [[k for k, v in st.items() if isinstance(v, Tensor) and k != NONFINITE_COUNT
-                      and v.device == f.device] for st, f in zip(self.states, self.flags)]
-        flat = [t for p, st, ks in zip(self.params, self.states, self.keys)
-                for t in (p, *(local_tensor(st[k]) for k in ks))]
-        self.saved = torch._foreach_mul(flat, 1) if flat else []
-
-    def finish(self) -> None:
-        """Restore skipped parameters and their state; count the skips."""
-        if not self.active:
-            return
-        if not self.masked:
-            for p, st in zip(self.params, self.states):
-                if NONFINITE_COUNT not in st:
-                    st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
-            return
-        saved = iter(self.saved)
-        counts: list[Tensor] = []
-        for p, st, f, ks in zip(self.params, self.states, self.flags, self.keys):
-            torch.where(f, p, next(saved), out=p)
-            for k in ks:
-                old, new = next(saved), st.get(k)
-                new = local_tensor(new) if isinstance(new, Tensor) else new
-                if (isinstance(new, Tensor) and new.device == old.device
-                        and new.shape == old.shape and new.dtype == old.dtype):
-                    torch.where(f, new, old, out=new)
-            count = st.get(NONFINITE_COUNT)
-            if count is None:
-                count = st[NONFINITE_COUNT] = torch.zeros((), dtype=torch.int64, device=p.device)
-            counts.append(count)
-        torch._foreach_add_(counts, [f.logical_not() for f in self.flags] if len(
-            {f.device for f in self.flags}) > 1
-            else list(torch.stack(self.flags).logical_not().unbind()))
-        self.saved = []
-
 
 def check_grad(p: Tensor, owner: str, group_index: int) -> Tensor:
     """Return ``p.grad`` after rejecting gradients the optimizers cannot use."""
@@ -560,26 +401,6 @@ def check_grad(p: Tensor, owner: str, group_index: int) -> Tensor:
         raise RuntimeError(f"{owner}: param_groups[{group_index}]: complex gradients are not "
                            f"supported (parameter of shape {tuple(p.shape)})")
     return g
-
-
-def matrix_shape(shape: Sequence[int], view: str) -> tuple[int, int, int]:
-    """How an N-D parameter is seen as a batch of matrices: ``(batch, rows, cols)``.
-
-    ``view="flatten"``: ``[out, in, *kernel]`` → one ``out × (in·prod(kernel))``
-    matrix (convolutions; the update scale must come from this flattened shape).
-    ``view="batch"``: ``[*batch, rows, cols]`` → ``prod(batch)`` matrices (stacked
-    MoE experts). A 2-D shape is one matrix either way.
-    """
-    if len(shape) < 2:
-        raise ValueError(
-            f"a matrix view needs a parameter with >= 2 dims, got shape {tuple(shape)}")
-    if len(shape) == 2:
-        return 1, int(shape[0]), int(shape[1])
-    if view == "flatten":
-        return 1, int(shape[0]), int(math.prod(shape[1:]))
-    if view == "batch":
-        return int(math.prod(shape[:-2])), int(shape[-2]), int(shape[-1])
-    raise ValueError(f"matrix view must be 'flatten' or 'batch', got {view!r}")
 
 
 def closure_loss(closure: Callable[[], Any] | None) -> Any:

@@ -44,11 +44,11 @@ from torch.optim import Optimizer
 from ._common import (
     _PASSTHROUGH_KEYS,
     CPU_COUNTERS,
-    NONFINITE_COUNT,
     GroupError,
     MatrixOptimizer,
     _GroupChecker,
 )
+from ._nonfinite import NONFINITE_COUNT
 
 __all__ = ["CheckpointError", "conform_state_dict", "merge_state_dicts", "from_hf_adafactor",
            "from_torch_adafactor", "recognise_format"]

@@ -24,7 +24,6 @@ Matrices of the same shape within a group are orthogonalised as one batch.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -52,13 +51,13 @@ from ._state import (
     load_moment,
     store_moment,
 )
+from ._views import VIEWS, matrix_view
 from .functional.muon import ADJUST_LR_MODES, muon_, muon_update_scale
 from .routing import external_stacklevel
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 
 _ALGORITHMS = ("auto", "muon", "adamw")
-_VIEWS = ("auto", "flatten", "batch")
 
 
 def _split_spec(split: Any) -> tuple[int, str] | None:
@@ -162,7 +161,7 @@ class Muon(MatrixOptimizer):
         nonfinite: what a gradient with NaN/Inf does: ``"skip"`` (default: that
             parameter and its state are left unchanged, counted in state
             ``nonfinite_count``; masked, no host sync, see
-            :class:`~matrixopt.optim._common.SkipNonFinite`), ``"raise"``
+            :mod:`matrixopt.optim._nonfinite`), ``"raise"``
             (:class:`~matrixopt.optim._common.NonFiniteGradientError` naming group
             and parameter index, before anything is updated) or ``"ignore"``
             (torch's behaviour: NaN flows into the weights).
@@ -258,7 +257,7 @@ class Muon(MatrixOptimizer):
         check.choice("normalization", ("frobenius", "spectral", "aol"))
         check.choice("ns_method", ("auto", "standard", "gram"))
         check.choice("ns_backend", ("auto", "torch", "triton"))
-        check.choice("matrix_view", _VIEWS)
+        check.choice("matrix_view", VIEWS)
         try:
             split = _split_spec(g["split"])
         except ValueError:
@@ -316,17 +315,9 @@ class Muon(MatrixOptimizer):
 
     @staticmethod
     def _view_shape(group: dict[str, Any], p: Tensor) -> tuple[int, int, int]:
-        """(batch, rows, cols) of the matrices the parameter is orthogonalised as."""
-        shape = p.shape
-        view = group["matrix_view"]
-        if view == "auto":
-            view = "batch" if p.ndim == 3 else "flatten"
-        if p.ndim == 2:
-            b, m, n = 1, shape[0], shape[1]
-        elif view == "flatten":
-            b, m, n = 1, shape[0], math.prod(shape[1:])
-        else:
-            b, m, n = math.prod(shape[:-2]), shape[-2], shape[-1]
+        """(batch, rows, cols) of the matrices the parameter is orthogonalised as: its
+        :func:`~matrixopt.optim._views.matrix_view`, cut into ``split`` blocks."""
+        b, m, n, _ = matrix_view(p.shape, group["matrix_view"])
         split = _split_spec(group["split"])
         if split is None:
             return b, m, n
