@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._dist import Single, Strategy
+from ._dist import Single, Strategy, resolve_strategy
 from ._nonfinite import StepFlags
 
 __all__ = [
@@ -151,8 +151,11 @@ class MatrixOptimizer(Optimizer):
     :class:`GroupError` (via the given checker) for a bad value.
     """
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
+                 process_group: Any | None = None) -> None:
+        self._process_group = process_group
         super().__init__(params, defaults)
+        self._resolve_strategy()
 
     def _own_keys(self) -> set[str]:
         """The optimizer's own group keys (its defaults, without keys torch adds)."""
@@ -194,6 +197,8 @@ class MatrixOptimizer(Optimizer):
         if "nonfinite" in group:
             check.choice("nonfinite", NONFINITE_POLICIES)
         self._check_group(check)
+        if "_strategy" in self.__dict__:  # after construction: re-check the parallelism
+            self._resolve_strategy()
 
     def _check_duplicates(self, params: list[Any], index: int) -> None:
         """A parameter may appear once in one group: twice would update it twice per step."""
@@ -214,10 +219,21 @@ class MatrixOptimizer(Optimizer):
                         f"{tuple(p.shape)}) is already in param_groups[{gi}]; a parameter "
                         f"must belong to exactly one group")
 
-    # -- stepping -----------------------------------------------------------
-    #: The distribution strategy (:mod:`._dist`); subclasses that distribute work
-    #: resolve theirs at construction.
+    # -- distribution -------------------------------------------------------
     _strategy: Strategy = Single()
+
+    def _resolve_strategy(self) -> None:
+        """The distribution strategy of all parameters (:mod:`._dist`), resolved at
+        construction and whenever a group is added; then :meth:`_check_strategy`."""
+        self._strategy = resolve_strategy(
+            type(self).__name__, [p for g in self.param_groups for p in g["params"]],
+            self.__dict__.get("_process_group"))
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        """Reject group settings the strategy cannot run (subclasses)."""
+
+    # -- stepping -----------------------------------------------------------
 
     def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
         """Step ``params`` (members of ``group`` with a gradient, in group order).
@@ -344,6 +360,11 @@ class MatrixOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "_strategy" not in self.__dict__:
+            # unpickled or deep-copied (load_state_dict keeps the strategy): a process
+            # group is not pickled, the parameters say the rest
+            self._process_group = None
+            self._resolve_strategy()
         # A group lacking one of this optimizer's keys (a pickle of an older
         # matrixopt) gets the default; keys torch adds to ``defaults``
         # (``differentiable``) are not group keys and stay out, so a state dict is

@@ -52,7 +52,6 @@ import torch
 from torch import Tensor
 
 from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad
-from ._dist import resolve_strategy
 from ._distributed import local_tensor
 from ._nonfinite import StepFlags
 from ._state import (
@@ -233,21 +232,8 @@ class Adafactor(MatrixOptimizer):
             momentum_dtype=momentum_dtype, nonfinite=nonfinite, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
-        self._resolve_strategy()
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "_strategy" in self.__dict__:  # after construction: re-check the parallelism
-            self._resolve_strategy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_strategy" not in self.__dict__:  # unpickled / deep-copied
-            self._resolve_strategy()
-
-    def _resolve_strategy(self) -> None:
-        self._strategy = resolve_strategy(
-            "Adafactor", [p for g in self.param_groups for p in g["params"]], None)
+    def _check_strategy(self) -> None:
         if self._strategy.sharded:
             for i, g in enumerate(self.param_groups):
                 if g["state_dtype"] == "int8" and g["beta1"] is not None:

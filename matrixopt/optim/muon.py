@@ -40,7 +40,6 @@ from ._common import (
     _GroupChecker,
     check_grad,
 )
-from ._dist import resolve_strategy
 from ._distributed import _is_dtensor, local_tensor
 from ._nonfinite import StepFlags
 from ._state import (
@@ -211,19 +210,9 @@ class Muon(MatrixOptimizer):
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
             betas=betas, eps=eps, nonfinite=nonfinite, state_dtype=state_dtype,
         )
-        self._process_group = process_group
-        super().__init__(params, defaults)
-        self._resolve_strategy()
+        super().__init__(params, defaults, process_group)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "_process_group" in self.__dict__:  # after construction: re-check the parallelism
-            self._resolve_strategy()
-
-    def _resolve_strategy(self) -> None:
-        """The distribution strategy of all parameters, and what it cannot run."""
-        self._strategy = resolve_strategy(
-            "Muon", [p for g in self.param_groups for p in g["params"]], self._process_group)
+    def _check_strategy(self) -> None:
         if not self._strategy.sharded:
             return
         for i, g in enumerate(self.param_groups):
@@ -234,14 +223,6 @@ class Muon(MatrixOptimizer):
                 raise GroupError(f"Muon: param_groups[{i}]: state_dtype={g['state_dtype']!r} "
                                  f"is not supported with FSDP2 (DTensor) parameters; use None "
                                  f"or 'fp32'")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_process_group" not in self.__dict__:
-            # unpickled or deep-copied (load_state_dict keeps the strategy): a process
-            # group is not pickled
-            self._process_group = None
-            self._resolve_strategy()
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:

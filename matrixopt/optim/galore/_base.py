@@ -24,7 +24,6 @@ from ...linalg.projectors import (
     projection_side,
 )
 from .._common import MatrixOptimizer, _GroupChecker, check_grad
-from .._dist import resolve_strategy
 from .._distributed import local_tensor, shard_rows, sharded_right_basis
 from .._nonfinite import StepFlags
 from .._state import ABSMAX, check_state_dtype, init_moment, load_moment, store_moment
@@ -157,23 +156,10 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------ construction
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self._resolve_strategy()
         self._galore_built = True
         self._warn_no_rank()
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "_strategy" in self.__dict__:
-            self._resolve_strategy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_strategy" not in self.__dict__:  # unpickled / deep-copied
-            self._resolve_strategy()
-
-    def _resolve_strategy(self) -> None:
-        self._strategy = resolve_strategy(
-            type(self).__name__, [p for g in self.param_groups for p in g["params"]], None)
+    def _check_strategy(self) -> None:
         self._warned_whole = False
 
     def _check_group(self, check: _GroupChecker) -> None:
