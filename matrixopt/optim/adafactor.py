@@ -49,6 +49,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ._adamw import step_value
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import (
     DistContext,
@@ -138,27 +139,35 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
                                        device=like.device)
 
 
-def beta2_schedule(t: float, decay_rate: float, beta2_cap: float | None) -> float:
-    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``)."""
+def beta2_schedule(t: Any, decay_rate: float, beta2_cap: float | None) -> Any:
+    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``).
+
+    ``t`` is a float, or a 0-dim tensor (then so is the result: the compiled step,
+    see :func:`~matrixopt.optim._adamw.step_value`)."""
     b = 1.0 - t ** decay_rate
-    return b if beta2_cap is None else min(b, beta2_cap)
+    if beta2_cap is None:
+        return b
+    return b.clamp(max=beta2_cap) if isinstance(b, Tensor) else min(b, beta2_cap)
 
 
-def relative_step_size(t: float, lr: float | None, relative_step: bool, warmup_init: bool
-                       ) -> float:
+def relative_step_size(t: Any, lr: float | None, relative_step: bool, warmup_init: bool
+                       ) -> Any:
     r""":math:`\rho_t`: ``lr`` (fixed step) or the relative step
     :math:`\min(\text{lr or } 10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
-    ``warmup_init``)."""
+    ``warmup_init``). ``t`` a float or a 0-dim tensor (as :func:`beta2_schedule`)."""
     if not relative_step:
         assert lr is not None
         return lr
     cap = 1e-6 * t if warmup_init else (1e-2 if lr is None else lr)
+    if isinstance(t, Tensor):
+        inv = t.rsqrt()
+        return torch.minimum(cap, inv) if isinstance(cap, Tensor) else inv.clamp(max=cap)
     return min(cap, 1.0 / math.sqrt(t))
 
 
 def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
                             cols: list[Tensor | None], sqs: list[Tensor | None],
-                            dims: list[tuple[int, int] | None], beta2s: list[float],
+                            dims: list[tuple[int, int] | None], beta2s: Sequence[Any],
                             eps1: float) -> list[Tensor]:
     r"""Update the second-moment statistics in place; return :math:`G/\sqrt{\hat V}` (new tensors).
 
@@ -523,13 +532,17 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check_state_dtype(check)
 
 
-def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float], list[float]]:
+def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """Advance the CPU step counters; return (β̂₂ per tensor, ρ per tensor).
 
-    One ``tolist`` per group (the counters are CPU tensors: no device sync).
+    Eager: Python floats read from the counters (CPU tensors, as torch keeps
+    ``step``: no device synchronisation). While ``torch.compile`` traces: 0-dim
+    CPU tensors computed from them, so the step-dependent sizes are graph
+    inputs, not constants dynamo would recompile for at every step
+    (:func:`~matrixopt.optim._adamw.step_value`).
     """
     torch._foreach_add_(steps, 1.0)
-    ts = torch.stack(steps).tolist()
+    ts = [step_value(s) for s in steps]
     lr = _float(group["lr"])
     decay, cap = float(group["decay_rate"]), _float(group["beta2_cap"])
     beta2s = [beta2_schedule(t, decay, cap) for t in ts]
