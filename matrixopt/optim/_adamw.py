@@ -35,7 +35,7 @@ __all__ = ["adam_moments_", "adam_direction", "adamw_step_", "init_adam_state",
 def init_adam_state(state: dict, like: Tensor, state_dtype: str | None = None) -> None:
     """Create AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) shaped like ``like``,
     the moments stored as ``state_dtype`` says (:mod:`matrixopt.optim._state`)."""
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if state_dtype is None:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)

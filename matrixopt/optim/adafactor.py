@@ -121,7 +121,7 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
     is set.
     """
     sd = stat_dtype(like.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(like.shape)
@@ -420,7 +420,7 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
     from torch.distributed.tensor import zeros as dzeros
     mesh = p.device_mesh  # type: ignore[attr-defined]
     sd = stat_dtype(p.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(p.shape)

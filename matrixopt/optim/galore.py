@@ -420,10 +420,11 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _init_state(self, group: dict[str, Any], item: _Item, seed: int,
                     key: Tensor | None = None) -> None:
         st = item.state
-        st["iteration"] = torch.tensor(0, dtype=torch.int64)
-        st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
-        st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
-        st["seed"] = torch.tensor(seed, dtype=torch.int64)
+        # CPU counters whatever the default device (see _state.COUNTERS)
+        st["iteration"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["refresh_step"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["refresh_offset"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["seed"] = torch.tensor(seed, dtype=torch.int64, device="cpu")
         b, r1, r2 = self._low_rank_shape(item)
         dt = torch.promote_types(item.G.dtype, self._basis_dtype(item.p))
         like: Tensor
