@@ -346,7 +346,8 @@ class SkipNonFinite:
         self.params = [local_tensor(p) for p in params]
         self.states = [state[p] for p in params]
         sums = [_full(g.sum()) for g in self.grads]
-        if (self.cpu_shortcut and all(x.device.type == "cpu" for x in sums)
+        if (self.cpu_shortcut and not torch.compiler.is_compiling()
+                and all(x.device.type == "cpu" for x in sums)
                 and all(map(math.isfinite, torch.stack(sums).tolist()))):
             # reading CPU values is no synchronisation: an all-finite step on the
             # CPU needs no copy and no masking (bit-identical to the masked path)

@@ -895,11 +895,16 @@ class GaLoreAdamW(_GaLoreBase):
             return
         t = step_value(st["step"])
         beta1, beta2 = (float(b) for b in group["betas"])
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
         (m0,), (v0,) = self._load_moments([item], [item.G])
-        m, v = transport_moments(m0, v0, Q,
-                                 item.side,  # type: ignore[arg-type]
-                                 bias_correction1=1.0 - beta1 ** t,
-                                 bias_correction2=1.0 - beta2 ** t)
+        if isinstance(t, Tensor):  # compiling: tensor corrections, applied around the call
+            m, v = transport_moments(m0 / bc1, v0 / bc2, Q,
+                                     item.side)  # type: ignore[arg-type]
+            m, v = (m * bc1).to(m0.dtype), (v * bc2).to(v0.dtype)
+        else:
+            m, v = transport_moments(m0, v0, Q,
+                                     item.side,  # type: ignore[arg-type]
+                                     bias_correction1=bc1, bias_correction2=bc2)
         self._store_moments(group, [item], [m], [v])
 
     def _load_moments(self, items: list[_Item], Rs: list[Tensor]
