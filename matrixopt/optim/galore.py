@@ -567,7 +567,15 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             else:
                 st[key] = P
 
+    @torch.compiler.disable
     def _refresh(self, group: dict[str, Any], items: list[_Item]) -> None:
+        """New bases for ``items`` and the moments moved into them (``on_refresh``).
+
+        Runs eagerly under ``torch.compile``: it happens once per ``update_proj_gap``
+        steps, and its Python control flow on CPU counters (seeds, which matrices
+        refresh) and its random generators would otherwise make the compiled step
+        recompile at every refresh.
+        """
         method = group["projector"]
         old: list[list[Tensor] | None] = []
         for it in items:
