@@ -55,7 +55,7 @@ def step_value(step: Tensor) -> float | Tensor:
     """
     if torch.compiler.is_compiling():
         return step
-    return float(step.tolist())
+    return float(step.tolist())  # type: ignore[arg-type]  # a 0-dim tensor: a number
 
 
 def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float

@@ -114,8 +114,8 @@ from ._state import (
     ABSMAX,
     COUNTERS,
     check_state_dtype,
-    counters_to_cpu_,
     compute_dtype,
+    counters_to_cpu_,
     init_moment,
     load_moment,
     store_moment,
@@ -912,7 +912,8 @@ class GaLoreAdamW(_GaLoreBase):
         else:
             m, v = transport_moments(m0, v0, Q,
                                      item.side,  # type: ignore[arg-type]
-                                     bias_correction1=bc1, bias_correction2=bc2)
+                                     bias_correction1=float(bc1),
+                                     bias_correction2=float(bc2))
         self._store_moments(group, [item], [m], [v])
 
     def _load_moments(self, items: list[_Item], Rs: list[Tensor]
