@@ -26,7 +26,14 @@ import torch
 from torch import Tensor
 
 from ._distributed import local_tensor
-from ._state import compute_dtype, init_moment, is_native, load_moment, store_moment
+from ._state import (
+    compute_dtype,
+    counters_to_cpu_,
+    init_moment,
+    is_native,
+    load_moment,
+    store_moment,
+)
 
 __all__ = ["adam_moments_", "adam_direction", "adamw_step_", "init_adam_state",
            "adamw_step_states_", "step_value"]
@@ -123,6 +130,8 @@ def adamw_step_states_(params: list[Tensor], grads: list[Tensor], states: list[d
     transient float32 tensors, stepped, written back — so at most one
     parameter's float32 moments exist at once.
     """
+    for s in states:  # a checkpoint from a capturable optimizer holds `step` on the device
+        counters_to_cpu_(s, ("step",))
     native = [i for i, (p, s) in enumerate(zip(params, states))
               if is_native(s, "exp_avg", p, state_dtype)
               and is_native(s, "exp_avg_sq", p, state_dtype)]

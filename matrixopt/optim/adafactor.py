@@ -62,6 +62,7 @@ from ._distributed import (
 from ._state import (
     check_state_dtype,
     compute_dtype,
+    counters_to_cpu_,
     init_moment,
     is_native,
     load_moment,
@@ -367,6 +368,7 @@ class Adafactor(MatrixOptimizer):
             params.append(p)
             d = factored_dims(p.shape, group["min_dim_size_to_factor"])
             state = self.state[p]
+            counters_to_cpu_(state, ("step",))  # e.g. loaded from a capturable optimizer
             if "step" not in state:
                 if sharded:
                     _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])

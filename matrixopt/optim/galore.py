@@ -347,7 +347,7 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             if fresh:
                 self._assign_offsets(group, fresh)
             for it in items:
-                counters_to_cpu_(it.state, COUNTERS)
+                counters_to_cpu_(it.state, (*COUNTERS, "step"))
             item_views = [_LocalState(it.state) for it in items] if ctx else []
             for it, v in zip(items, item_views):
                 it.state = v.local
