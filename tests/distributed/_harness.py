@@ -112,7 +112,9 @@ def check_collective_devices(device: torch.device) -> dict[str, Any]:
     With gloo on the CPU the parameters are CPU tensors, so this proves that every
     payload is a plain tensor on the parameters' device and that no path hands a
     collective a tensor of another device; it cannot tell a tensor created on the
-    parameters' device from one created with a hard-coded ``device="cpu"``.
+    parameters' device from one created without a device (the default, CPU) -- the
+    Muon job's steps under ``torch.device("meta")`` cover that -- nor from one created
+    with a hard-coded ``device="cpu"``.
     """
     record: dict[str, Any] = {"calls": dict.fromkeys(COLLECTIVES, 0), "violations": []}
     for name in COLLECTIVES:

@@ -82,6 +82,39 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def _meta_default_steps(rank: int, world: int) -> dict[str, str]:
+    """Muon steps (DDP, FSDP2, default bf16 payload) with ``torch.device("meta")`` as the
+    default device: a tensor the step creates without a device (as the CPU all-reduce
+    of the payload-dtype vote was) becomes a meta tensor, which the collective stand-ins
+    of ``_harness`` record as a violation (and gloo rejects)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from _harness import local_batch
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        model = make_model()
+        if mode == "ddp":
+            model = DDP(model)
+            opt = Muon(model.parameters(), lr=0.02, process_group=dist.group.WORLD)
+        else:
+            fully_shard(model)
+            opt = Muon(model.parameters(), lr=0.02)
+        try:
+            for s in range(2):
+                x, y = local_batch(s, rank, world)
+                loss = (model(x) - y).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.device("meta"):
+                    opt.step()
+            out[mode] = "ok" if all(p.device.type == "cpu" for p in model.parameters()) \
+                else "parameters moved"
+        except Exception as e:  # reported, not raised: the other jobs still run
+            out[mode] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def _job(rank: int, world: int, out: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -171,6 +204,7 @@ def _job(rank: int, world: int, out: Path) -> None:
     res["resumed"] = [train_step(model, opt, CKPT_AT + s, rank, world) for s in range(RESUME)]
     res["osd_keys"] = sorted(get_optimizer_state_dict(model, opt)["state"])
     res["errors"] = _errors(rank, world)
+    res["meta_default"] = _meta_default_steps(rank, world)
     if rank == 0:
         torch.save(res, out / "res.pt")
 
@@ -342,6 +376,10 @@ def test_every_collective_gets_tensors_on_the_parameters_device(dist_out: Path,
     # the paths are exercised: DDP's all_gather, FSDP2's all_to_all, the reductions
     assert calls["all_gather"] > 0 and calls["all_to_all_single"] > 0
     assert calls["all_reduce"] > 0
+
+
+def test_steps_create_no_device_less_tensor_for_collectives(results: tuple[dict, Path]) -> None:
+    assert results[0]["meta_default"] == {"ddp": "ok", "fsdp": "ok"}
 
 
 def test_payload_dtype_comes_from_the_configuration() -> None:
