@@ -87,10 +87,9 @@ def _meta_default_steps(rank: int, world: int) -> dict[str, str]:
     default device: a tensor the step creates without a device (as the CPU all-reduce
     of the payload-dtype vote was) becomes a meta tensor, which the collective stand-ins
     of ``_harness`` record as a violation (and gloo rejects)."""
+    from _harness import local_batch
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from _harness import local_batch
     out = {}
     for mode in ("ddp", "fsdp"):
         model = make_model()
