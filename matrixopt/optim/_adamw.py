@@ -20,21 +20,29 @@ it), ``exp_avg``, ``exp_avg_sq`` — torch.optim.AdamW's keys.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._distributed import local_tensor
-from ._state import compute_dtype, init_moment, is_native, load_moment, store_moment
+from ._state import (
+    compute_dtype,
+    counters_to_cpu_,
+    init_moment,
+    is_native,
+    load_moment,
+    store_moment,
+)
 
 __all__ = ["adam_moments_", "adam_direction", "adamw_step_", "init_adam_state",
-           "adamw_step_states_"]
+           "adamw_step_states_", "step_value"]
 
 
 def init_adam_state(state: dict, like: Tensor, state_dtype: str | None = None) -> None:
     """Create AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) shaped like ``like``,
     the moments stored as ``state_dtype`` says (:mod:`matrixopt.optim._state`)."""
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if state_dtype is None:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
@@ -43,11 +51,30 @@ def init_adam_state(state: dict, like: Tensor, state_dtype: str | None = None) -
         init_moment(state, "exp_avg_sq", like, state_dtype, signed=False)
 
 
+def step_value(step: Tensor) -> float | Tensor:
+    """A step counter as the bias corrections use it (torch.optim's ``_get_value``).
+
+    Eager: a Python float -- the counter lives on the CPU (as torch keeps
+    ``step``), so ``.item()`` is no device synchronisation, and float64 scalar
+    math gives torch.optim.AdamW's numbers. While ``torch.compile`` traces: the
+    tensor itself, so the bias corrections become graph inputs instead of
+    constants that dynamo would guard on (one recompilation per step otherwise).
+    """
+    if torch.compiler.is_compiling():
+        return step
+    return float(step.tolist())  # type: ignore[arg-type]  # a 0-dim tensor: a number
+
+
 def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float
-                      ) -> tuple[list[float], list[float]]:
-    # step lives on the CPU, so .item() is not a device synchronisation.
-    ts = [float(s.item()) for s in steps]
+                      ) -> tuple[list[Any], list[Any]]:
+    """``1 - beta^t`` per counter: floats in eager mode, CPU 0-dim tensors while compiling
+    (see :func:`step_value`)."""
+    ts = [step_value(s) for s in steps]
     return [1.0 - beta1 ** t for t in ts], [1.0 - beta2 ** t for t in ts]
+
+
+def _sqrt(x: Any) -> Any:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
 def adam_moments_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -64,7 +91,7 @@ def adam_direction(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: lis
     """Bias-corrected Adam direction ``m̂ / (sqrt(v̂) + eps)`` as new tensors."""
     bc1, bc2 = _bias_corrections(steps, beta1, beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
+    torch._foreach_div_(denom, [_sqrt(b) for b in bc2])
     torch._foreach_add_(denom, eps)
     out = torch._foreach_div(exp_avgs, denom)
     torch._foreach_div_(out, bc1)
@@ -82,9 +109,14 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     bc1, bc2 = _bias_corrections(steps, beta1, beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
+    torch._foreach_div_(denom, [_sqrt(b) for b in bc2])
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
+    if torch.compiler.is_compiling():
+        # tensor step sizes: a foreach scalar list must hold numbers, so divide first
+        torch._foreach_div_(denom, [-lr / b for b in bc1])
+        torch._foreach_add_(params, torch._foreach_div(exp_avgs, denom))
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
 
 
 def adamw_step_states_(params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -98,6 +130,8 @@ def adamw_step_states_(params: list[Tensor], grads: list[Tensor], states: list[d
     transient float32 tensors, stepped, written back — so at most one
     parameter's float32 moments exist at once.
     """
+    for s in states:  # a checkpoint from a capturable optimizer holds `step` on the device
+        counters_to_cpu_(s, ("step",))
     native = [i for i, (p, s) in enumerate(zip(params, states))
               if is_native(s, "exp_avg", p, state_dtype)
               and is_native(s, "exp_avg_sq", p, state_dtype)]

@@ -50,6 +50,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ._adamw import step_value
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import (
     DistContext,
@@ -62,6 +63,7 @@ from ._distributed import (
 from ._state import (
     check_state_dtype,
     compute_dtype,
+    counters_to_cpu_,
     init_moment,
     is_native,
     load_moment,
@@ -122,7 +124,7 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
     is set.
     """
     sd = stat_dtype(like.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(like.shape)
@@ -140,27 +142,35 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
                                        device=like.device)
 
 
-def beta2_schedule(t: float, decay_rate: float, beta2_cap: float | None) -> float:
-    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``)."""
+def beta2_schedule(t: Any, decay_rate: float, beta2_cap: float | None) -> Any:
+    r""":math:`\hat\beta_{2,t} = \min(1 - t^{c}, \beta_{2,\max})` (0 at ``t = 1``).
+
+    ``t`` is a float, or a 0-dim tensor (then so is the result: the compiled step,
+    see :func:`~matrixopt.optim._adamw.step_value`)."""
     b = 1.0 - t ** decay_rate
-    return b if beta2_cap is None else min(b, beta2_cap)
+    if beta2_cap is None:
+        return b
+    return b.clamp(max=beta2_cap) if isinstance(b, Tensor) else min(b, beta2_cap)
 
 
-def relative_step_size(t: float, lr: float | None, relative_step: bool, warmup_init: bool
-                       ) -> float:
+def relative_step_size(t: Any, lr: float | None, relative_step: bool, warmup_init: bool
+                       ) -> Any:
     r""":math:`\rho_t`: ``lr`` (fixed step) or the relative step
     :math:`\min(\text{lr or } 10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
-    ``warmup_init``)."""
+    ``warmup_init``). ``t`` a float or a 0-dim tensor (as :func:`beta2_schedule`)."""
     if not relative_step:
         assert lr is not None
         return lr
     cap = 1e-6 * t if warmup_init else (1e-2 if lr is None else lr)
+    if isinstance(t, Tensor):
+        inv = t.rsqrt()
+        return torch.minimum(cap, inv) if isinstance(cap, Tensor) else inv.clamp(max=cap)
     return min(cap, 1.0 / math.sqrt(t))
 
 
 def adafactor_precondition_(grads: list[Tensor], rows: list[Tensor | None],
                             cols: list[Tensor | None], sqs: list[Tensor | None],
-                            dims: list[tuple[int, int] | None], beta2s: list[float],
+                            dims: list[tuple[int, int] | None], beta2s: Sequence[Any],
                             eps1: float) -> list[Tensor]:
     r"""Update the second-moment statistics in place; return :math:`G/\sqrt{\hat V}` (new tensors).
 
@@ -385,6 +395,7 @@ class Adafactor(MatrixOptimizer):
             params.append(p)
             d = factored_dims(p.shape, group["min_dim_size_to_factor"])
             state = self.state[p]
+            counters_to_cpu_(state, ("step",))  # e.g. loaded from a capturable optimizer
             if "step" not in state:
                 if sharded:
                     _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"])
@@ -438,7 +449,7 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
     from torch.distributed.tensor import zeros as dzeros
     mesh = p.device_mesh  # type: ignore[attr-defined]
     sd = stat_dtype(p.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(p.shape)
@@ -597,13 +608,18 @@ def check_adafactor_group(check: _GroupChecker, owner: str = "Adafactor") -> Non
     check_state_dtype(check)
 
 
-def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[float], list[float]]:
+def step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """Advance the CPU step counters; return (β̂₂ per tensor, ρ per tensor).
 
-    One ``tolist`` per group (the counters are CPU tensors: no device sync).
+    Eager: Python floats read from the counters (CPU tensors, as torch keeps
+    ``step``: no device synchronisation). While ``torch.compile`` traces: 0-dim
+    CPU tensors computed from them, so the step-dependent sizes are graph
+    inputs, not constants dynamo would recompile for at every step
+    (:func:`~matrixopt.optim._adamw.step_value`).
     """
     torch._foreach_add_(steps, 1.0)
-    ts = torch.stack(steps).tolist()
+    ts = ([step_value(s) for s in steps] if torch.compiler.is_compiling()
+          else torch.stack(steps).tolist())
     # the relative step reads lr unless the group says not to (lr=None, Hugging Face)
     lr = _float(group["lr"]) if group["external_lr"] or not group["relative_step"] else None
     decay, cap = float(group["decay_rate"]), _float(group["beta2_cap"])

@@ -95,10 +95,12 @@ from ..linalg.projectors import (
 )
 from ._adamw import (
     _bias_corrections,
+    _sqrt,
     adam_direction,
     adam_moments_,
     adamw_step_states_,
     init_adam_state,
+    step_value,
 )
 from ._common import MatrixOptimizer, SkipNonFinite, _GroupChecker, check_grad, closure_loss
 from ._distributed import (
@@ -111,8 +113,10 @@ from ._distributed import (
 )
 from ._state import (
     ABSMAX,
+    COUNTERS,
     check_state_dtype,
     compute_dtype,
+    counters_to_cpu_,
     init_moment,
     load_moment,
     store_moment,
@@ -197,6 +201,7 @@ class _Item:
     bases: list[Tensor] = field(default_factory=list)  # [left or right] or [left, right], 3-D
     proj: Any = None   # the bases in proj_dtype for this step (converted once, used twice)
     M: int = -1        # global rows (FSDP2: ``m`` is this rank's shard of them)
+    advanced: bool = False  # schedule advanced and basis refreshed before the skip guard
 
     def __post_init__(self) -> None:
         if self.M < 0:
@@ -398,6 +403,15 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 grads.append(grad)
             if fresh:
                 self._assign_offsets(group, fresh)
+            for it in items:
+                counters_to_cpu_(it.state, (*COUNTERS, "step"))
+            item_views = [_LocalState(it.state) for it in items] if ctx else []
+            for it, v in zip(items, item_views):
+                it.state = v.local
+            # a random basis does not depend on the gradient: its refresh (and the
+            # moments' move into it) happens before the skip guard copies the state, so
+            # a skipped step never leaves moments and basis in different subspaces
+            self._refresh_gradient_free(group, items)
             guard = SkipNonFinite(group, plain_p + keys, plain_g + grads, self.state)
             plain_g = guard.grads[:len(plain_p)]
             for it, g in zip(items, guard.grads[len(plain_p):]):
@@ -415,12 +429,9 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             elif plain_p:
                 self._plain_step(index, group, plain_p, plain_g)
             if items:
-                views = [_LocalState(it.state) for it in items] if ctx else []
-                for it, v in zip(items, views):
-                    it.state = v.local
                 self._projected_step(group, items)
-                for v in views:
-                    v.write_back()
+            for v in item_views:
+                v.write_back()
             guard.finish()
         self._ctx = None  # holds a process group: not kept beyond the step
         return loss
@@ -466,10 +477,11 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _init_state(self, group: dict[str, Any], item: _Item, seed: int,
                     key: Tensor | None = None) -> None:
         st = item.state
-        st["iteration"] = torch.tensor(0, dtype=torch.int64)
-        st["refresh_step"] = torch.tensor(0, dtype=torch.int64)
-        st["refresh_offset"] = torch.tensor(0, dtype=torch.int64)
-        st["seed"] = torch.tensor(seed, dtype=torch.int64)
+        # CPU counters whatever the default device (see _state.COUNTERS)
+        st["iteration"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["refresh_step"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["refresh_offset"] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["seed"] = torch.tensor(seed, dtype=torch.int64, device="cpu")
         b, r1, r2 = self._low_rank_shape(item)
         dt = torch.promote_types(item.G.dtype, self._basis_dtype(item.p))
         like: Tensor
@@ -498,15 +510,45 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             count[(it.M, it.n)] = j + 1
             it.state["refresh_offset"].fill_(((j % slots) * gap) // slots)
 
-    def _projected_step(self, group: dict[str, Any], items: list[_Item]) -> None:
+    @staticmethod
+    def _due(group: dict[str, Any], st: dict[str, Any], t: int) -> bool:
+        """Whether the matrix refreshes its basis at iteration ``t`` (a CPU counter)."""
+        has_basis = "projector" in st or (group["projector"] == "random" and t > 1)
         gap = int(group["update_proj_gap"])
+        return not has_basis or (t - 1 - int(st["refresh_offset"])) % gap == 0
+
+    def _refresh_gradient_free(self, group: dict[str, Any], items: list[_Item]) -> None:
+        """``projector="random"``: advance the schedule of the matrices due for a refresh
+        and refresh them now, before the non-finite guard copies the state.
+
+        The random basis is a function of (seed, refresh step) only, and those are
+        CPU counters that a skip guard on an accelerator cannot restore without a
+        host synchronisation. So such a refresh is not undone by a skipped step on
+        any device: the moments are moved into the new basis (``on_refresh``) and
+        only the gradient's contribution is skipped. Moments and basis then always
+        describe the same subspace, and the parameters and moments after a skipped
+        refresh step followed by clean steps equal those of a run without that step
+        (until the next refresh, which comes one step earlier: ``iteration`` advanced).
+        """
+        if group["projector"] != "random":
+            return
+        due: list[_Item] = []
+        for it in items:
+            if self._due(group, it.state, int(it.state["iteration"]) + 1):
+                it.state["iteration"].add_(1)
+                it.advanced = True
+                due.append(it)
+        if due:
+            self._refresh(group, due)
+
+    def _projected_step(self, group: dict[str, Any], items: list[_Item]) -> None:
         refresh: list[_Item] = []
         for it in items:
+            if it.advanced:  # already refreshed (see _refresh_gradient_free)
+                continue
             st = it.state
             st["iteration"].add_(1)
-            t = int(st["iteration"])
-            has_basis = "projector" in st or (group["projector"] == "random" and t > 1)
-            if not has_basis or (t - 1 - int(st["refresh_offset"])) % gap == 0:
+            if self._due(group, st, int(st["iteration"])):
                 refresh.append(it)
         if refresh:
             self._refresh(group, refresh)
@@ -521,11 +563,23 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                         self._ptype(group, it))
             (N,), (c,), (d,) = self._inner_direction(group, [it], [R])
             self._apply(group, it, R, N, c, d)
-            it.bases, it.proj = [], None
+            it.bases, it.proj, it.advanced = [], None, False
 
     # ----------------------------------------------------------------- refresh
     def _sides(self, item: _Item) -> list[str]:
         return ["left", "right"] if item.side == "both" else [item.side]
+
+    @staticmethod
+    def _generator(seed: int, device: torch.device) -> torch.Generator:
+        """The generator of a refresh's random draws: ``torch.Generator`` on ``device``
+        seeded with ``seed`` (what :func:`~matrixopt.linalg.lowrank_basis` builds from an
+        int seed). ``seed`` comes from CPU counters, so nothing is read from the device.
+        A hook: a caller may return another generator (the CUDA-claiming dry run in
+        ``tests/optim/test_fake_cuda.py`` returns a CPU one, since fake tensor mode
+        cannot build a CUDA generator)."""
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
 
     def _random_bases(self, item: _Item, refresh_step: int) -> list[Tensor]:
         seed = (int(item.state["seed"]) * _SEED_STRIDE + refresh_step) % (2 ** 62)
@@ -533,7 +587,8 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
         # the basis depends on the full shape only (G is not read): a row shard stands in
         G = item.G if item.M == item.m else item.G.new_zeros(()).expand(item.b, item.M, item.n)
         return [lowrank_basis(G, item.rank, method="random", side=s,  # type: ignore[arg-type]
-                              seed=seed + i, dtype=dt, check_finite=False)
+                              seed=self._generator(seed + i, G.device), dtype=dt,
+                              check_finite=False)
                 for i, s in enumerate(self._sides(item))]
 
     def _load_bases(self, group: dict[str, Any], item: _Item) -> list[Tensor]:
@@ -569,7 +624,15 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             else:
                 st[key] = P
 
+    @torch.compiler.disable
     def _refresh(self, group: dict[str, Any], items: list[_Item]) -> None:
+        """New bases for ``items`` and the moments moved into them (``on_refresh``).
+
+        Runs eagerly under ``torch.compile``: it happens once per ``update_proj_gap``
+        steps, and its Python control flow on CPU counters (seeds, which matrices
+        refresh) and its random generators would otherwise make the compiled step
+        recompile at every refresh.
+        """
         method = group["projector"]
         old: list[list[Tensor] | None] = []
         for it in items:
@@ -606,12 +669,14 @@ class _GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                     ctx = getattr(self, "_ctx", None)
                     if ctx is not None:  # FSDP2: row shards, right side, small all-reduces
                         P = sharded_right_basis(ctx, G, rows, rank, method=method,
-                                                previous=prev, seed=seed + k,
+                                                previous=prev,
+                                                seed=self._generator(seed + k, G.device),
                                                 dtype=self._basis_dtype(first.p))
                     else:
                         P = lowrank_basis(G, rank, method=method,
                                           side=side,  # type: ignore[arg-type]
-                                          previous=prev, seed=seed + k,
+                                          previous=prev,
+                                          seed=self._generator(seed + k, G.device),
                                           dtype=self._basis_dtype(first.p), check_finite=False)
                     for i, chunk in zip(idx, P.split(sizes, dim=0)):
                         new[i].append(chunk)
@@ -883,23 +948,29 @@ class GaLoreAdamW(_GaLoreBase):
             # corrections go into the step multiplier (two elementwise passes fewer)
             bc1, bc2 = _bias_corrections(steps, beta1, beta2)
             denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, [eps * math.sqrt(b) for b in bc2])
+            torch._foreach_add_(denom, [eps * _sqrt(b) for b in bc2])
             Ns = list(torch._foreach_div(ms, denom))
-            cs = [lr * math.sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]
+            cs = [lr * _sqrt(b2) / b1 for b1, b2 in zip(bc1, bc2)]
         self._store_moments(group, items, ms, vs)
         return Ns, cs, [decay] * len(items)
 
     def _inner_transport(self, group: dict[str, Any], item: _Item, Q: Any) -> None:
         st = item.state
-        t = float(st["step"])
-        if t == 0:
+        if float(st["step"]) == 0:  # a CPU counter: no device read
             return
+        t = step_value(st["step"])
         beta1, beta2 = (float(b) for b in group["betas"])
+        bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
         (m0,), (v0,) = self._load_moments([item], [item.G])
-        m, v = transport_moments(m0, v0, Q,
-                                 item.side,  # type: ignore[arg-type]
-                                 bias_correction1=1.0 - beta1 ** t,
-                                 bias_correction2=1.0 - beta2 ** t)
+        if isinstance(t, Tensor):  # compiling: tensor corrections, applied around the call
+            m, v = transport_moments(m0 / bc1, v0 / bc2, Q,
+                                     item.side)  # type: ignore[arg-type]
+            m, v = (m * bc1).to(m0.dtype), (v * bc2).to(v0.dtype)
+        else:
+            m, v = transport_moments(m0, v0, Q,
+                                     item.side,  # type: ignore[arg-type]
+                                     bias_correction1=float(bc1),
+                                     bias_correction2=float(bc2))
         self._store_moments(group, [item], [m], [v])
 
     def _load_moments(self, items: list[_Item], Rs: list[Tensor]

@@ -231,21 +231,34 @@ class Muon(MatrixOptimizer):
         self._process_group = process_group
         self._dist = resolve_context(
             "Muon", [p for g in self.param_groups for p in g["params"]], process_group)
-        if self._dist is not None and self._dist.mode == "fsdp":
-            for i, g in enumerate(self.param_groups):
-                if g["normuon"]:
-                    raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
-                                     f"with FSDP2 (DTensor) parameters")
-                if g["state_dtype"] in ("bf16", "int8"):
-                    raise GroupError(f"Muon: param_groups[{i}]: state_dtype="
-                                     f"{g['state_dtype']!r} is not supported with FSDP2 "
-                                     f"(DTensor) parameters; use None or 'fp32'")
+        self._check_fsdp_groups()
+
+    def _check_fsdp_groups(self) -> None:
+        """FSDP2 (DTensor) parameters: reject what does not run on shards yet."""
+        if self._dist is None or self._dist.mode != "fsdp":
+            return
+        for i, g in enumerate(self.param_groups):
+            if g["normuon"]:
+                raise GroupError(f"Muon: param_groups[{i}]: normuon=True is not supported "
+                                 f"with FSDP2 (DTensor) parameters")
+            if g["state_dtype"] in ("bf16", "int8"):
+                raise GroupError(f"Muon: param_groups[{i}]: state_dtype="
+                                 f"{g['state_dtype']!r} is not supported with FSDP2 "
+                                 f"(DTensor) parameters; use None or 'fp32'")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_dist"):  # after construction: re-check the parallelism
-            self._dist = resolve_context(
-                "Muon", [p for g in self.param_groups for p in g["params"]], self._process_group)
+            previous = self._dist
+            try:
+                self._dist = resolve_context(
+                    "Muon", [p for g in self.param_groups for p in g["params"]],
+                    self._process_group)
+                self._check_fsdp_groups()
+            except ValueError:  # GroupError included: leave the optimizer as it was
+                self.param_groups.pop()
+                self._dist = previous
+                raise
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
