@@ -55,7 +55,8 @@ name                        steps  source
 ==========================  =====  ===========================================
 
 The Polar Express presets are not typed-in constants: the module builds them
-with :func:`polar_express_coefficients` (float64, a few milliseconds at import)
+with :func:`polar_express_coefficients` (float64 on the CPU with torch only --
+numpy is not needed -- a few milliseconds at import)
 and the tests check the result against the constants published with the
 papers (REFERENCE.md §1). See :func:`polar_express_coefficients` for the two
 parameter details that matter to reproduce them.
@@ -70,7 +71,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeGuard
 
-import numpy as np
+import torch
 
 __all__ = [
     "Coefficients",
@@ -154,6 +155,35 @@ def _odd_quintic(coeffs: Coefficients, x: float) -> float:
     return x * acc
 
 
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve the small dense system ``rows @ x = rhs`` in float64 (LAPACK via torch, CPU)."""
+    A = torch.tensor(rows, dtype=torch.float64)
+    b = torch.tensor(rhs, dtype=torch.float64)
+    return [float(v) for v in torch.linalg.solve(A, b)]
+
+
+def _positive_real_roots(coeffs: list[float]) -> list[float]:
+    """Positive real roots of :math:`\\sum_j c_j y^j` (``coeffs`` lowest degree first).
+
+    Eigenvalues of the companion matrix (what ``numpy.roots`` does), in float64;
+    a root counts as real when its imaginary part is below 1e-12 of the largest
+    root's modulus.
+    """
+    while len(coeffs) > 1 and coeffs[-1] == 0.0:
+        coeffs = coeffs[:-1]
+    deg = len(coeffs) - 1
+    if deg < 1:
+        return []
+    C = torch.zeros(deg, deg, dtype=torch.float64)
+    if deg > 1:
+        C[1:, :-1] = torch.eye(deg - 1, dtype=torch.float64)
+    C[0, :] = -torch.tensor(coeffs[-2::-1], dtype=torch.float64) / coeffs[-1]
+    roots = torch.linalg.eigvals(C)
+    big = float(roots.abs().max())
+    return sorted(float(r.real) for r in roots
+                  if abs(float(r.imag)) <= 1e-12 * big and float(r.real) > 0.0)
+
+
 def minimax_odd_quintic(lower: float, upper: float) -> Coefficients:
     r"""The odd quintic closest to 1 in max-norm on ``[lower, upper]``.
 
@@ -183,9 +213,9 @@ def minimax_odd_quintic(lower: float, upper: float) -> Coefficients:
     q, r = (3.0 * lower + upper) / 4.0, (lower + 3.0 * upper) / 4.0
     err_prev = math.inf
     for _ in range(100):
-        nodes = np.array([lower, q, r, upper])
-        system = np.stack([nodes, nodes**3, nodes**5, np.array([1.0, -1.0, 1.0, -1.0])], axis=1)
-        a, b, c, err = (float(v) for v in np.linalg.solve(system, np.ones(4)))
+        system = [[x, x**3, x**5, sign]
+                  for x, sign in zip((lower, q, r, upper), (1.0, -1.0, 1.0, -1.0), strict=True)]
+        a, b, c, err = _solve(system, [1.0] * 4)
         disc = 9.0 * b * b - 20.0 * a * c
         if c <= 0.0 or disc < 0.0:  # pragma: no cover - cannot happen for 0 <= l < u
             raise ArithmeticError(f"Remez exchange lost the equioscillation on [{lower}, {upper}]")
@@ -208,7 +238,7 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> Coefficie
     optimum equioscillates at :math:`d + 2` points -- both ends and the
     :math:`d` interior critical points, the positive roots of
     :math:`p'(x) = \sum_j (2j+1) c_j x^{2j}` (a polynomial in :math:`x^2`,
-    solved with ``numpy.roots``); start from Chebyshev extrema mapped to the
+    solved as companion-matrix eigenvalues); start from Chebyshev extrema mapped to the
     interval. Near :math:`\ell = u` the system is singular: once
     :math:`\ell/u > 1 - 10^{-4}` the Newton–Schulz quintic scaled to ``upper``
     is returned (as :func:`minimax_odd_quintic` does; the interval is then
@@ -232,24 +262,22 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> Coefficie
         return a / upper, b / upper**3, c / upper**5
     d = (degree - 1) // 2
     n = d + 2
-    t = np.cos(np.pi * np.arange(n)[::-1] / (n - 1))
-    nodes = lower + (upper - lower) * (t + 1.0) / 2.0
-    signs = (-1.0) ** np.arange(n)
-    powers = np.arange(d + 1) * 2 + 1
+    nodes = [lower + (upper - lower) * (math.cos(math.pi * (n - 1 - i) / (n - 1)) + 1.0) / 2.0
+             for i in range(n)]
+    powers = [2 * j + 1 for j in range(d + 1)]
     err_prev = math.inf
-    coeffs = np.zeros(d + 1)
+    coeffs: list[float] = [0.0] * (d + 1)
     for _ in range(200):
-        system = np.concatenate([nodes[:, None] ** powers[None, :], signs[:, None]], axis=1)
-        sol = np.linalg.solve(system, np.ones(n))
-        coeffs, err = sol[:-1], float(sol[-1])
-        roots = np.roots((coeffs * powers)[::-1])  # p'(x) as a polynomial in y = x²
-        roots = roots[(np.abs(roots.imag) <= 1e-12 * np.abs(roots).max()) & (roots.real > 0)].real
-        crit = np.sort(np.sqrt(roots))
-        crit = crit[(crit > lower) & (crit < upper)]
+        system = [[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(nodes)]
+        *coeffs, err = _solve(system, [1.0] * n)
+        # p'(x) as a polynomial in y = x²
+        crit = [math.sqrt(y) for y in _positive_real_roots(
+            [c * p for c, p in zip(coeffs, powers, strict=True)])]
+        crit = [x for x in crit if lower < x < upper]
         if len(crit) != d:  # pragma: no cover - not reached for 0 <= l < u
             raise ArithmeticError(f"Remez exchange lost the equioscillation on "
                                   f"[{lower}, {upper}] (degree {degree})")
-        nodes = np.concatenate([[lower], crit, [upper]])
+        nodes = [lower, *crit, upper]
         if abs(abs(err) - err_prev) <= 1e-15:
             break
         err_prev = abs(err)

@@ -33,9 +33,7 @@ import functools
 import math
 from collections.abc import Sequence
 from types import ModuleType
-from typing import cast
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -409,11 +407,14 @@ def _lambda_bounds(schedule: tuple[tuple[float, ...], ...]) -> tuple[float, ...]
     (maximum on a fine grid, float64). Used to map λ to [−1, 1] for the
     Chebyshev evaluation of degree-7/9 steps.
     """
-    x: np.ndarray = np.linspace(0.0, 1.0, 4001)
+    x = torch.linspace(0.0, 1.0, 4001, dtype=torch.float64)
     out = []
     for coeffs in schedule:
-        out.append(1.1 * float(np.max(np.abs(x))) ** 2)
-        x = cast(np.ndarray, sum(c * x ** (2 * j + 1) for j, c in enumerate(coeffs)))
+        out.append(1.1 * float(x.abs().max()) ** 2)
+        y = torch.zeros_like(x)
+        for j, c in enumerate(coeffs):
+            y += c * x ** (2 * j + 1)
+        x = y
     return tuple(out)
 
 
@@ -446,10 +447,7 @@ def _sym_poly(ops: ModuleType, A: Tensor, a: float, rest: list[float] | tuple[fl
         return (A * rest[0]).to(A.dtype), a
     if len(rest) == 2:
         return ops.sym_poly(A, rest[0], rest[1]), a
-    lam = np.polynomial.Polynomial([a, *rest])
-    cheb = np.polynomial.chebyshev.poly2cheb(
-        lam(np.polynomial.Polynomial([lam_max / 2.0, lam_max / 2.0])).coef)
-    d = [float(v) for v in cheb] + [0.0] * (5 - len(cheb))
+    d = _chebyshev_coefficients((a, *rest), lam_max)
     # τ in [−1, 1] is formed first (rounding 2⁻⁹·|τ|); forming I − (8/L)A + (8/L²)A²
     # from A directly would round entries of size 8/L·|A| before the cancellation.
     tau = A.mul(2.0 / lam_max)
@@ -461,6 +459,42 @@ def _sym_poly(ops: ModuleType, A: Tensor, a: float, rest: list[float] | tuple[fl
     low = T2.mul(d[2]).add_(tau, alpha=d[1] - d[3])
     low.diagonal(dim1=-2, dim2=-1).add_(d[0] - d[4])
     return _fused(low, T2, high, 1.0), 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _chebyshev_coefficients(q: tuple[float, ...], lam_max: float) -> tuple[float, ...]:
+    r"""Coefficients :math:`d_0..d_4` of :math:`q(\lambda) = \sum_j q_j \lambda^j` in the
+    Chebyshev basis of :math:`\tau = 2\lambda/L - 1` (``L`` = ``lam_max``), float64.
+
+    Substitute :math:`\lambda = L(1 + \tau)/2` (monomial coefficients in τ), then
+    convert monomials to Chebyshev polynomials by Horner's scheme in the Chebyshev
+    basis (:math:`\tau T_0 = T_1`, :math:`\tau T_k = (T_{k+1} + T_{k-1})/2`).
+    """
+    half = lam_max / 2.0
+    mono = [0.0] * len(q)  # q(half·(1 + τ)) in powers of τ, by Horner in λ
+    for qj in reversed(q):
+        nxt = [0.0] * len(q)
+        for i, v in enumerate(mono):  # mono · half·(1 + τ)
+            nxt[i] += half * v
+            if i + 1 < len(q):
+                nxt[i + 1] += half * v
+        nxt[0] += qj
+        mono = nxt
+    cheb = [0.0] * (len(q) + 1)
+    for cj in reversed(mono):  # cheb ← τ·cheb + cj
+        times: list[float] = [0.0] * (len(q) + 1)
+        for k, v in enumerate(cheb):
+            if v == 0.0:
+                continue
+            if k == 0:
+                times[1] += v
+            else:
+                times[k - 1] += v / 2.0
+                if k + 1 < len(times):
+                    times[k + 1] += v / 2.0
+        times[0] += cj
+        cheb = times
+    return tuple(cheb[:5]) + (0.0,) * (5 - min(5, len(cheb)))
 
 
 def _gram_ns(ops: ModuleType, X: Tensor, schedule: list[tuple[float, ...]],
