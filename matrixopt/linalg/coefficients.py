@@ -55,8 +55,8 @@ name                        steps  source
 ==========================  =====  ===========================================
 
 The Polar Express presets are not typed-in constants: the module builds them
-with :func:`polar_express_coefficients` (float64 on the CPU with torch only --
-numpy is not needed -- a few milliseconds at import)
+with :func:`polar_express_coefficients` (float64 in pure Python -- neither
+numpy nor torch ops, so it also runs under fake-tensor modes -- milliseconds at import)
 and the tests check the result against the constants published with the
 papers (REFERENCE.md §1). See :func:`polar_express_coefficients` for the two
 parameter details that matter to reproduce them.
@@ -70,8 +70,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeGuard
-
-import torch
 
 __all__ = [
     "Coefficients",
@@ -156,32 +154,77 @@ def _odd_quintic(coeffs: Coefficients, x: float) -> float:
 
 
 def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
-    """Solve the small dense system ``rows @ x = rhs`` in float64 (LAPACK via torch, CPU)."""
-    A = torch.tensor(rows, dtype=torch.float64)
-    b = torch.tensor(rhs, dtype=torch.float64)
-    return [float(v) for v in torch.linalg.solve(A, b)]
+    """Solve the small dense system ``rows @ x = rhs`` (Gaussian elimination, partial pivoting).
+
+    Pure Python floats (float64): no numpy, and no torch ops, so schedules can be
+    built under a fake-tensor mode or while torch.compile traces.
+    """
+    n = len(rhs)
+    M = [list(map(float, r)) + [float(b)] for r, b in zip(rows, rhs, strict=True)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda i: abs(M[i][col]))
+        if M[piv][col] == 0.0:  # pragma: no cover - the Remez systems are regular
+            raise ArithmeticError("singular system in the Remez exchange")
+        M[col], M[piv] = M[piv], M[col]
+        for i in range(col + 1, n):
+            f = M[i][col] / M[col][col]
+            if f != 0.0:
+                M[i] = [a - f * b for a, b in zip(M[i], M[col], strict=True)]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (M[i][n] - sum(M[i][j] * x[j] for j in range(i + 1, n))) / M[i][i]
+    return x
 
 
 def _positive_real_roots(coeffs: list[float]) -> list[float]:
     """Positive real roots of :math:`\\sum_j c_j y^j` (``coeffs`` lowest degree first).
 
-    Eigenvalues of the companion matrix (what ``numpy.roots`` does), in float64;
-    a root counts as real when its imaginary part is below 1e-12 of the largest
-    root's modulus.
+    All complex roots by the Durand–Kerner (Weierstrass) iteration, then the
+    real ones (imaginary part below 1e-9 of the largest modulus) polished by
+    Newton's method. Pure Python (degree ≤ 4 here), see :func:`_solve`.
     """
     while len(coeffs) > 1 and coeffs[-1] == 0.0:
         coeffs = coeffs[:-1]
     deg = len(coeffs) - 1
     if deg < 1:
         return []
-    C = torch.zeros(deg, deg, dtype=torch.float64)
-    if deg > 1:
-        C[1:, :-1] = torch.eye(deg - 1, dtype=torch.float64)
-    C[0, :] = -torch.tensor(coeffs[-2::-1], dtype=torch.float64) / coeffs[-1]
-    roots = torch.linalg.eigvals(C)
-    big = float(roots.abs().max())
-    return sorted(float(r.real) for r in roots
-                  if abs(float(r.imag)) <= 1e-12 * big and float(r.real) > 0.0)
+    monic = [c / coeffs[-1] for c in coeffs]
+
+    def p(z: complex) -> complex:
+        acc: complex = 0.0
+        for c in reversed(monic):
+            acc = acc * z + c
+        return acc
+
+    radius = 1.0 + max(abs(c) for c in monic[:-1])
+    roots = [radius * complex(0.4, 0.9) ** k for k in range(deg)]
+    for _ in range(500):
+        new = []
+        for i, z in enumerate(roots):
+            den: complex = 1.0
+            for j, w in enumerate(roots):
+                if j != i:
+                    den *= z - w
+            new.append(z - p(z) / den if den != 0 else z)
+        done = max(abs(a - b) for a, b in zip(new, roots, strict=True)) <= 1e-16 * radius
+        roots = new
+        if done:
+            break
+    big = max(abs(z) for z in roots)
+    dmonic = [k * c for k, c in enumerate(monic)][1:]
+    out = []
+    for z in roots:
+        if abs(z.imag) > 1e-9 * big or z.real <= 0.0:
+            continue
+        y = z.real
+        for _ in range(3):  # Newton polish in real arithmetic
+            fy = sum(c * y**k for k, c in enumerate(monic))
+            dy = sum(c * y**k for k, c in enumerate(dmonic))
+            if dy == 0.0:
+                break
+            y -= fy / dy
+        out.append(y)
+    return sorted(out)
 
 
 def minimax_odd_quintic(lower: float, upper: float) -> Coefficients:
@@ -238,7 +281,7 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> Coefficie
     optimum equioscillates at :math:`d + 2` points -- both ends and the
     :math:`d` interior critical points, the positive roots of
     :math:`p'(x) = \sum_j (2j+1) c_j x^{2j}` (a polynomial in :math:`x^2`,
-    solved as companion-matrix eigenvalues); start from Chebyshev extrema mapped to the
+    solved by the Durand–Kerner iteration); start from Chebyshev extrema mapped to the
     interval. Near :math:`\ell = u` the system is singular: once
     :math:`\ell/u > 1 - 10^{-4}` the Newton–Schulz quintic scaled to ``upper``
     is returned (as :func:`minimax_odd_quintic` does; the interval is then

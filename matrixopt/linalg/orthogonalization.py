@@ -212,11 +212,13 @@ def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype) -> Tensor:
         X = X.to(acc) / torch.where(amax > 0, amax, torch.ones_like(amax))
         nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     inv = torch.where(nrm > 0, (nrm * s).reciprocal(), torch.zeros_like(nrm))
+    if work == torch.float16 and X.dtype != torch.float16:
+        return (X.to(acc) * inv).to(work)  # scale before the cast: float16's range is small
     return _scale_(X.to(work, copy=True), inv)
 
 
 def _scale_(X: Tensor, scale: Tensor) -> Tensor:
-    """``X *= scale`` in place (``scale`` broadcastable, float32/64); returns ``X``.
+    """``X * scale`` (``scale`` broadcastable, float32/64), in place unless ``X`` is float16.
 
     For bfloat16 ``X`` the scale is rounded to bfloat16 first (relative error
     2⁻⁹, which the safety factor covers): a bf16 tensor times an fp32 tensor
@@ -224,8 +226,8 @@ def _scale_(X: Tensor, scale: Tensor) -> Tensor:
     4×768×3072 batch). float16 multiplies in float32, since a scale can leave
     float16's range.
     """
-    if X.dtype == torch.float16:
-        return X.copy_(X.float() * scale)
+    if X.dtype == torch.float16:  # a new tensor: callers use the return value
+        return (X.float() * scale).to(torch.float16)
     return X.mul_(scale.to(X.dtype))
 
 
@@ -378,13 +380,13 @@ def orthogonalize(
             t = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True,
                                          dtype=Aacc.dtype).pow(0.25) * s
             inv = _rounded(torch.where(t > 0, t.reciprocal(), torch.ones_like(t)), work)
-            _scale_(X, inv)
+            X = _scale_(X, inv)
             A = (Aacc * inv**2).to(work)
         else:  # aol: ‖D X‖₂ ≤ 1 for d_i = (Σ_j |A_ij|)^(-1/2)
             rows = Aacc.abs().sum(dim=-1, keepdim=True)
             d = torch.where(rows > 0, rows.rsqrt(), torch.zeros_like(rows)) / s  # [B, k, 1]
             d = _rounded(d, work)
-            _scale_(X, d.mT if right else d)
+            X = _scale_(X, d.mT if right else d)
             A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":
@@ -415,14 +417,12 @@ def _lambda_bounds(schedule: tuple[tuple[float, ...], ...]) -> tuple[float, ...]
     (maximum on a fine grid, float64). Used to map λ to [−1, 1] for the
     Chebyshev evaluation of degree-7/9 steps.
     """
-    x = torch.linspace(0.0, 1.0, 4001, dtype=torch.float64)
+    # pure Python floats: no torch ops, so this also runs under fake-tensor modes
+    xs = [i / 4000.0 for i in range(4001)]
     out = []
     for coeffs in schedule:
-        out.append(1.1 * float(x.abs().max()) ** 2)
-        y = torch.zeros_like(x)
-        for j, c in enumerate(coeffs):
-            y += c * x ** (2 * j + 1)
-        x = y
+        out.append(1.1 * max(abs(x) for x in xs) ** 2)
+        xs = [sum(c * x ** (2 * j + 1) for j, c in enumerate(coeffs)) for x in xs]
     return tuple(out)
 
 

@@ -192,8 +192,9 @@ def lowrank_basis(G: Tensor, rank: int, *,
             here; the warm start and the alignment target.
         n_iter: power iterations (``None``: method default).
         oversample: extra random columns (``None``: method default).
-        seed: ``None`` (fixed seed 0), an int or a ``torch.Generator`` on G's
-            device; drives ``"random"`` and the sketches of ``"rsvd"``/``"warm"``.
+        seed: ``None`` (fixed seed 0), an int or a ``torch.Generator`` (on G's
+            device, or a CPU generator for any device: drawn on the CPU and
+            copied); drives ``"random"`` and the sketches of ``"rsvd"``/``"warm"``.
         align: align signs to ``previous`` when given.
         dtype: dtype of the returned basis (default ``G.dtype``; prefer float32
             for half-precision gradients, whose bases are otherwise orthonormal
@@ -215,9 +216,12 @@ def lowrank_basis(G: Tensor, rank: int, *,
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
     batch = G.shape[:-2]
-    gen = _resolve_generator(seed, G.device, "seed")
+    if method == "svd" and not isinstance(seed, (torch.Generator, int, type(None))):
+        _resolve_generator(seed, G.device, "seed")  # the type error for a bad seed
+    gen = None if method == "svd" else _resolve_generator(seed, G.device, "seed")
 
     if method == "random":
+        assert gen is not None
         return (_gaussian((*batch, k, rank), gen, G.device, torch.float32)
                 / math.sqrt(rank)).to(out_dtype)
 
@@ -247,10 +251,12 @@ def lowrank_basis(G: Tensor, rank: int, *,
         # Exact (and cheaper than a sketch spanning the whole range).
         P = torch.linalg.svd(X, full_matrices=False).U[..., :rank]
     elif method == "rsvd":
+        assert gen is not None
         Q, R = _range_finder(X, size, n_iter, gen)
         P = _rayleigh_ritz(X, Q, R, rank)
     else:  # warm
         assert previous is not None
+        assert gen is not None
         Q0 = previous.to(cdt).expand(*batch, k, rank)
         Q, R = _range_finder(X, size, n_iter, gen, Q0=Q0)
         P = _rayleigh_ritz(X, Q, R, rank)
