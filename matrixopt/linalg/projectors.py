@@ -221,7 +221,8 @@ def lowrank_basis(G: Tensor, rank: int, *,
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
     batch = G.shape[:-2]
-    if method == "svd" and not isinstance(seed, (torch.Generator, int, type(None))):
+    if method == "svd" and (isinstance(seed, bool)
+                            or not isinstance(seed, (torch.Generator, int, type(None)))):
         _resolve_generator(seed, G.device, "seed")  # the type error for a bad seed
     gen = None if method == "svd" else _resolve_generator(seed, G.device, "seed")
 
