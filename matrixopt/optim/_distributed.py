@@ -473,17 +473,22 @@ def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, me
     if method == "svd" or size >= min(rows, n):
         _, R = _tsqr(X, ctx, chunk)
         P = torch.linalg.svd(R, full_matrices=False).Vh.mT[..., :rank]
+    elif previous is None:
+        # rsvd as lowrank_basis does it: sketch the other side (G's row-sharded
+        # column space), then one more multiplication gives the right basis.
+        Omega = _gaussian((b, n, size), gen, G.device, X.dtype)
+        Qr, _ = _tsqr(X @ Omega, ctx, chunk)
+        for _ in range(n_iter):
+            Zr = torch.linalg.qr(a_times(Qr), mode="reduced").Q
+            Qr, _ = _tsqr(X @ Zr, ctx, chunk)
+        P = torch.linalg.svd(a_times(Qr), full_matrices=False).U[..., :rank]
     else:
-        if previous is None:
-            Omega = _gaussian((b, rows, size), gen, G.device, X.dtype)
-            Q = torch.linalg.qr(a_times(Omega[:, start:start + ml]), mode="reduced").Q
-        else:
-            k = previous.shape[-1]
-            Q = previous.to(X.dtype).expand(b, n, k)
-            if size > k:
-                Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
-                Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
-                                    mode="reduced").Q
+        k = previous.shape[-1]
+        Q = previous.to(X.dtype).expand(b, n, k)
+        if size > k:
+            Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
+            Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
+                                mode="reduced").Q
         if n_iter < 1:
             raise ValueError(f"sharded_right_basis: method {method!r} needs n_iter >= 1")
         R = Q
