@@ -50,7 +50,14 @@ depend on the spectrum, so it is measured once per method, in round-robin rounds
 (``--rounds``, default 3) so that load from other processes affects all methods
 alike; the table gives the median over rounds (the CSV also the fastest round).
 
+* matrixopt ... (per matrix) ``orthogonalize`` called once per matrix (``PER_MATRIX``),
+                          as a user calls the standalone function and as torch calls
+                          its iteration: the per-call overhead is measured here.
+
 Run:  python benchmarks/bench_orthogonalize.py           (4 layers, 3 spectra)
+      python benchmarks/bench_orthogonalize.py --per-call --threads 1 --rounds 5
+                                                         (per-call rows only; add --cpu-time
+                                                         on a loaded machine)
       python benchmarks/bench_orthogonalize.py --quick   (1 layer, 2 spectra, short timing)
 """
 
@@ -59,6 +66,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +207,22 @@ def method_matrixopt(kwargs: dict[str, Any]) -> Callable[[Params], Params]:
     return run
 
 
+def method_matrixopt_per_matrix(kwargs: dict[str, Any]) -> Callable[[Params], Params]:
+    """One ``orthogonalize`` call per matrix, as a user calls the standalone function
+    (and as torch.optim.Muon calls its iteration): the per-call overhead shows here."""
+    def run(params: Params) -> Params:
+        return {s: torch.stack([orthogonalize(G[i], dtype=BF16, **kwargs)
+                                for i in range(G.shape[0])]) for s, G in params.items()}
+    return run
+
+
+# per-call rows: label -> keyword arguments of orthogonalize (dtype=bf16 added)
+PER_MATRIX: dict[str, dict[str, Any]] = {
+    "matrixopt keller (per matrix)": dict(coefficients="keller"),
+    "matrixopt default (per matrix)": dict(),
+}
+
+
 def method_gflop(label: str, layers: int) -> float:
     """Matrix-product flops of one call on the whole set (data-independent, exact).
 
@@ -209,8 +233,8 @@ def method_gflop(label: str, layers: int) -> float:
     total = 0
     for m, n in SHAPES:
         k = min(m, n)
-        if label in CONFIGS:
-            kw = CONFIGS[label]
+        if label in CONFIGS or label in PER_MATRIX:
+            kw = CONFIGS.get(label) or PER_MATRIX[label]
             sched = resolve_coefficients(kw.get("coefficients", "polar_express"), kw.get("steps"))
             meth = resolve_method(m, n, sched, kw.get("method", "auto"), dtype=BF16)
             f = orthogonalize_flops(m, n, sched, meth)
@@ -221,8 +245,12 @@ def method_gflop(label: str, layers: int) -> float:
     return total / 1e9
 
 
-def all_methods() -> dict[str, Callable[[Params], Params]]:
+def all_methods(per_call: bool = False) -> dict[str, Callable[[Params], Params]]:
     methods: dict[str, Callable[[Params], Params]] = {"torch.optim.Muon (per matrix)": method_torch}
+    for label, kw in PER_MATRIX.items():
+        methods[label] = method_matrixopt_per_matrix(kw)
+    if per_call:
+        return methods
     for label, fn, module in [("heavyball (per matrix, eager)", method_heavyball, "heavyball"),
                               ("pytorch-optimizer (per shape)", method_pytorch_optimizer,
                                "pytorch_optimizer")]:
@@ -257,6 +285,23 @@ def quality(svds: dict[tuple[int, int], tuple[torch.Tensor, ...]],
     return {"max|σ−1|": q_sv, "max|uᵀOv−1|": q_dir}
 
 
+def cpu_median_time(fn: Callable[[], Any], min_run_time: float) -> float:
+    """Median CPU time of ``fn()`` on the calling thread (``time.thread_time``), seconds.
+
+    With one torch thread all the work runs on the calling thread, so this is
+    the time the call costs without the time slices other processes take on a
+    shared machine (wall-clock medians of torch.utils.benchmark swing by ±30 %
+    at load 5 on 2 cores). Warm-up run first; at least 5 runs.
+    """
+    fn()
+    times: list[float] = []
+    while len(times) < 5 or sum(times) < min_run_time:
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -267,8 +312,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=3,
                     help="round-robin timing rounds (default 3); the median is reported")
     ap.add_argument("--csv", default="bench_orthogonalize", help="results/<name>.csv")
+    ap.add_argument("--per-call", action="store_true",
+                    help="only the one-call-per-matrix rows: torch.optim.Muon's iteration and "
+                         "matrixopt's orthogonalize, same run")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the calling thread's CPU time (needs --threads 1) instead of "
+                         "torch.utils.benchmark wall-clock medians; for a loaded machine")
     args = ap.parse_args(argv)
 
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     layers = 1 if args.quick else 4
@@ -281,10 +334,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "loguniform": lambda: spectrum_loguniform(layers),
         "lowrank+noise": lambda: spectrum_lowrank_noise(layers),
     }
-    if not args.quick:
+    if not args.quick and not args.per_call:
         spectra["gpt2_grad"] = lambda: spectrum_gpt2_grad(layers)
 
-    methods = all_methods()
+    methods = all_methods(args.per_call)
     # Time does not depend on the data: time every method on one input, in
     # round-robin rounds so that load from other processes hits all methods alike;
     # report the median over rounds of torch.utils.benchmark medians.
@@ -292,8 +345,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     per_round: dict[str, list[float]] = {label: [] for label in methods}
     for r in range(args.rounds):
         for label, fn in methods.items():
-            per_round[label].append(median_time(lambda fn=fn: fn(timing_input),
-                                                min_run_time=min_run, num_threads=args.threads))
+            call = (lambda fn=fn: fn(timing_input))
+            per_round[label].append(
+                cpu_median_time(call, min_run) if args.cpu_time else
+                median_time(call, min_run_time=min_run, num_threads=args.threads))
         print(f"  timing round {r + 1}/{args.rounds}: " + ", ".join(
             f"{label.split(' (')[0]} {1e3 * ts[-1]:.0f} ms" for label, ts in per_round.items()),
             flush=True)

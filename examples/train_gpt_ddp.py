@@ -10,6 +10,10 @@ orthogonalises only its share of the matrices (balanced by flops) and one
 all-gather exchanges the updates. ``--mode fsdp``: FSDP2 ``fully_shard`` per
 block; Muon sees DTensor shards and moves whole matrices with two all-to-alls.
 Checkpoints use ``torch.distributed.checkpoint`` and load at any world size.
+
+``--device auto`` (default) trains on ``cuda`` when a GPU is present (each rank
+on ``cuda:LOCAL_RANK``, process group ``nccl``) and on the CPU otherwise
+(``gloo``); ``--device cpu`` forces the CPU.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when available (nccl), else cpu (gloo)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="save a DCP checkpoint here at the end")
     p.add_argument("--resume", type=Path, default=None,
@@ -58,15 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[float]:
     args = parse_args(argv)
     distributed = "WORLD_SIZE" in os.environ  # launched by torchrun
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     data = CharData()
     model = GPT(GPTConfig(vocab_size=data.vocab_size, seq_len=args.seq_len,
                           n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head))
+    model = model.to(device)  # before DDP / fully_shard: they wrap the device's tensors
     if distributed and args.mode == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if use_cuda else None)
     elif distributed:
         from torch.distributed.fsdp import fully_shard
         for block in model.blocks:
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     t0 = time.perf_counter()
     for step in range(args.steps):
         x, y = data.batch("train", args.batch_size, args.seq_len, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

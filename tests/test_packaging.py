@@ -117,3 +117,88 @@ def test_backends_report() -> None:
     assert info["matrixopt"] == matrixopt.__version__
     assert info["torch"] == torch.__version__
     assert info["CUDA available"].startswith("yes" if torch.cuda.is_available() else "no")
+
+
+def _runtime_closure(root: str) -> list[importlib.metadata.Distribution]:
+    """``root``'s installed distribution and its declared runtime dependencies, recursively
+    (requirements that only apply under an extra are left out, as pip leaves them out)."""
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # pragma: no cover - packaging ships with pip/setuptools
+        from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    todo = [root]
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        dist = importlib.metadata.distribution(name)
+        seen[name] = dist
+        for req in dist.requires or []:
+            spec, _, marker = req.partition(";")
+            if marker.strip() and ("extra" in marker or not Marker(marker).evaluate()):
+                continue
+            match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
+            assert match is not None, req
+            todo.append(match.group(1))
+    return list(seen.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch installed")
+def test_installed_wheel_imports_and_runs_with_only_torch(wheel: Path, tmp_path: Path) -> None:
+    """Issue 13 item 4: torch does not require numpy, so neither may matrixopt.
+
+    A fresh venv sees exactly torch and its declared runtime dependencies (a
+    directory of links to their installed files, put on the venv's path by a
+    .pth file -- no download) and the matrixopt wheel; numpy must not be
+    importable there. Importing matrixopt, orthogonalising (every preset is
+    built at import, the degree-9 one by the Remez generator) and one Muon step
+    must work, and numpy must not have been imported.
+    """
+    dists = _runtime_closure("torch")
+    names = {d.metadata["Name"].lower() for d in dists}
+    assert "numpy" not in names, f"torch declares numpy here: {sorted(names)}"
+    linked = tmp_path / "torch_only"
+    linked.mkdir()
+    for dist in dists:
+        for top in {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] != ".."}:
+            src = Path(str(dist.locate_file(top)))
+            if src.exists() and not (linked / top).exists():
+                (linked / top).symlink_to(src, target_is_directory=src.is_dir())
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   capture_output=True, text=True, timeout=120)
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = subprocess.run([str(py), "-I", "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "torch_only.pth").write_text(f"{linked}\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                    "--target", purelib, str(wheel)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    script = f"""
+import importlib.util, sys
+assert importlib.util.find_spec("numpy") is None, "numpy is importable in the torch-only venv"
+import torch
+import matrixopt
+from matrixopt.linalg import orthogonalize
+assert matrixopt.__file__.startswith({purelib!r}), matrixopt.__file__
+g = torch.Generator().manual_seed(0)
+G = torch.randn(64, 32, generator=g)
+for preset in ("polar_express", "polar_express_nonic"):
+    sv = torch.linalg.svdvals(orthogonalize(G, coefficients=preset).double())
+    assert 0.5 < float(sv.min()) and float(sv.max()) < 1.5, (preset, sv)  # worst case 0.48
+p = torch.nn.Parameter(torch.randn(32, 16, generator=g))
+p.grad = torch.randn(32, 16, generator=g)
+before = p.detach().clone()
+opt = matrixopt.Muon([p], lr=0.02)
+opt.step()
+assert torch.isfinite(p).all() and not torch.equal(p.detach(), before)
+assert "numpy" not in sys.modules, "matrixopt imported numpy"
+print("torch-only OK", torch.__version__)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([str(py), "-I", "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch-only OK" in proc.stdout

@@ -55,7 +55,8 @@ name                        steps  source
 ==========================  =====  ===========================================
 
 The Polar Express presets are not typed-in constants: the module builds them
-with :func:`polar_express_coefficients` (float64, a few milliseconds at import)
+with :func:`polar_express_coefficients` (float64 in pure Python -- neither
+numpy nor torch ops, so it also runs under fake-tensor modes -- milliseconds at import)
 and the tests check the result against the constants published with the
 papers (REFERENCE.md §1). See :func:`polar_express_coefficients` for the two
 parameter details that matter to reproduce them.
@@ -69,8 +70,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeGuard
-
-import numpy as np
 
 __all__ = [
     "Coefficients",
@@ -154,6 +153,80 @@ def _odd_quintic(coeffs: Coefficients, x: float) -> float:
     return x * acc
 
 
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve the small dense system ``rows @ x = rhs`` (Gaussian elimination, partial pivoting).
+
+    Pure Python floats (float64): no numpy, and no torch ops, so schedules can be
+    built under a fake-tensor mode or while torch.compile traces.
+    """
+    n = len(rhs)
+    M = [list(map(float, r)) + [float(b)] for r, b in zip(rows, rhs, strict=True)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda i: abs(M[i][col]))
+        if M[piv][col] == 0.0:  # pragma: no cover - the Remez systems are regular
+            raise ArithmeticError("singular system in the Remez exchange")
+        M[col], M[piv] = M[piv], M[col]
+        for i in range(col + 1, n):
+            f = M[i][col] / M[col][col]
+            if f != 0.0:
+                M[i] = [a - f * b for a, b in zip(M[i], M[col], strict=True)]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (M[i][n] - sum(M[i][j] * x[j] for j in range(i + 1, n))) / M[i][i]
+    return x
+
+
+def _positive_real_roots(coeffs: list[float]) -> list[float]:
+    """Positive real roots of :math:`\\sum_j c_j y^j` (``coeffs`` lowest degree first).
+
+    All complex roots by the Durand–Kerner (Weierstrass) iteration, then the
+    real ones (imaginary part below 1e-9 of the largest modulus) polished by
+    Newton's method. Pure Python (degree ≤ 4 here), see :func:`_solve`.
+    """
+    while len(coeffs) > 1 and coeffs[-1] == 0.0:
+        coeffs = coeffs[:-1]
+    deg = len(coeffs) - 1
+    if deg < 1:
+        return []
+    monic = [c / coeffs[-1] for c in coeffs]
+
+    def p(z: complex) -> complex:
+        acc: complex = 0.0
+        for c in reversed(monic):
+            acc = acc * z + c
+        return acc
+
+    radius = 1.0 + max(abs(c) for c in monic[:-1])
+    roots = [radius * complex(0.4, 0.9) ** k for k in range(deg)]
+    for _ in range(500):
+        new = []
+        for i, z in enumerate(roots):
+            den: complex = 1.0
+            for j, w in enumerate(roots):
+                if j != i:
+                    den *= z - w
+            new.append(z - p(z) / den if den != 0 else z)
+        done = max(abs(a - b) for a, b in zip(new, roots, strict=True)) <= 1e-16 * radius
+        roots = new
+        if done:
+            break
+    big = max(abs(z) for z in roots)
+    dmonic = [k * c for k, c in enumerate(monic)][1:]
+    out = []
+    for z in roots:
+        if abs(z.imag) > 1e-9 * big or z.real <= 0.0:
+            continue
+        y = z.real
+        for _ in range(3):  # Newton polish in real arithmetic
+            fy = sum(c * y**k for k, c in enumerate(monic))
+            dy = sum(c * y**k for k, c in enumerate(dmonic))
+            if dy == 0.0:
+                break
+            y -= fy / dy
+        out.append(y)
+    return sorted(out)
+
+
 def minimax_odd_quintic(lower: float, upper: float) -> Coefficients:
     r"""The odd quintic closest to 1 in max-norm on ``[lower, upper]``.
 
@@ -183,9 +256,9 @@ def minimax_odd_quintic(lower: float, upper: float) -> Coefficients:
     q, r = (3.0 * lower + upper) / 4.0, (lower + 3.0 * upper) / 4.0
     err_prev = math.inf
     for _ in range(100):
-        nodes = np.array([lower, q, r, upper])
-        system = np.stack([nodes, nodes**3, nodes**5, np.array([1.0, -1.0, 1.0, -1.0])], axis=1)
-        a, b, c, err = (float(v) for v in np.linalg.solve(system, np.ones(4)))
+        system = [[x, x**3, x**5, sign]
+                  for x, sign in zip((lower, q, r, upper), (1.0, -1.0, 1.0, -1.0), strict=True)]
+        a, b, c, err = _solve(system, [1.0] * 4)
         disc = 9.0 * b * b - 20.0 * a * c
         if c <= 0.0 or disc < 0.0:  # pragma: no cover - cannot happen for 0 <= l < u
             raise ArithmeticError(f"Remez exchange lost the equioscillation on [{lower}, {upper}]")
@@ -208,7 +281,7 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> Coefficie
     optimum equioscillates at :math:`d + 2` points -- both ends and the
     :math:`d` interior critical points, the positive roots of
     :math:`p'(x) = \sum_j (2j+1) c_j x^{2j}` (a polynomial in :math:`x^2`,
-    solved with ``numpy.roots``); start from Chebyshev extrema mapped to the
+    solved by the Durand–Kerner iteration); start from Chebyshev extrema mapped to the
     interval. Near :math:`\ell = u` the system is singular: once
     :math:`\ell/u > 1 - 10^{-4}` the Newton–Schulz quintic scaled to ``upper``
     is returned (as :func:`minimax_odd_quintic` does; the interval is then
@@ -232,24 +305,22 @@ def minimax_odd_polynomial(lower: float, upper: float, degree: int) -> Coefficie
         return a / upper, b / upper**3, c / upper**5
     d = (degree - 1) // 2
     n = d + 2
-    t = np.cos(np.pi * np.arange(n)[::-1] / (n - 1))
-    nodes = lower + (upper - lower) * (t + 1.0) / 2.0
-    signs = (-1.0) ** np.arange(n)
-    powers = np.arange(d + 1) * 2 + 1
+    nodes = [lower + (upper - lower) * (math.cos(math.pi * (n - 1 - i) / (n - 1)) + 1.0) / 2.0
+             for i in range(n)]
+    powers = [2 * j + 1 for j in range(d + 1)]
     err_prev = math.inf
-    coeffs = np.zeros(d + 1)
+    coeffs: list[float] = [0.0] * (d + 1)
     for _ in range(200):
-        system = np.concatenate([nodes[:, None] ** powers[None, :], signs[:, None]], axis=1)
-        sol = np.linalg.solve(system, np.ones(n))
-        coeffs, err = sol[:-1], float(sol[-1])
-        roots = np.roots((coeffs * powers)[::-1])  # p'(x) as a polynomial in y = x²
-        roots = roots[(np.abs(roots.imag) <= 1e-12 * np.abs(roots).max()) & (roots.real > 0)].real
-        crit = np.sort(np.sqrt(roots))
-        crit = crit[(crit > lower) & (crit < upper)]
+        system = [[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(nodes)]
+        *coeffs, err = _solve(system, [1.0] * n)
+        # p'(x) as a polynomial in y = x²
+        crit = [math.sqrt(y) for y in _positive_real_roots(
+            [c * p for c, p in zip(coeffs, powers, strict=True)])]
+        crit = [x for x in crit if lower < x < upper]
         if len(crit) != d:  # pragma: no cover - not reached for 0 <= l < u
             raise ArithmeticError(f"Remez exchange lost the equioscillation on "
                                   f"[{lower}, {upper}] (degree {degree})")
-        nodes = np.concatenate([[lower], crit, [upper]])
+        nodes = [lower, *crit, upper]
         if abs(abs(err) - err_prev) <= 1e-15:
             break
         err_prev = abs(err)

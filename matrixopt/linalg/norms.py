@@ -67,6 +67,5 @@ def spectral_norm(A: Tensor, n_iter: int = 10, *, generator: GeneratorLike = Non
         # A zero matrix gives y = 0; keep x instead of dividing by zero.
         x = torch.where(nrm > 0, y / torch.where(nrm > 0, nrm, torch.ones_like(nrm)), x)
     sigma = torch.linalg.vector_norm(X @ x, dim=(-2, -1))
-    if scale is not None:
-        sigma = sigma * scale[..., 0, 0]
+    sigma = sigma * scale[..., 0, 0]
     return sigma.to(A.dtype)

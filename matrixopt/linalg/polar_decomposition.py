@@ -258,11 +258,8 @@ def polar(A: Tensor, side: Literal["right", "left"] = "right", *,
     H = 0.5 * (H + H.mT)
     # scipy (LAPACK) returns the identity block for a zero matrix; make it explicit
     # rather than depend on the SVD driver.
+    # (unconditionally: no host read of `zero`)
     zero = amax == 0
-    if bool(zero.any()):
-        eye = torch.eye(m, n, dtype=cdt, device=A.device)
-        U = torch.where(zero, eye, U)
-        H = torch.where(zero, torch.zeros_like(H), H)
-    if scale is not None:
-        H = H * scale
+    U = torch.where(zero, torch.eye(m, n, dtype=cdt, device=A.device), U)
+    H = torch.where(zero, torch.zeros_like(H), H) * scale
     return PolarResult(U.to(out_dtype), H.to(out_dtype))

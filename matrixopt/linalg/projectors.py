@@ -151,9 +151,14 @@ def lowrank_basis(G: Tensor, rank: int, *,
     ``"rsvd"``
         randomized range finder with ``oversample`` extra columns and ``n_iter``
         power iterations, QR after each half-iteration (Halko et al. 2011,
-        Alg. 4.4), then a Rayleigh–Ritz rotation keeping the top ``rank``
-        directions. Cost :math:`(2 + 4q)\,kl(r+p)` flops + QRs. Default
-        ``n_iter=2, oversample=8``.
+        Alg. 4.4), run on :math:`X^\top` -- the side *opposite* to the basis
+        wanted -- giving :math:`Z` (:math:`l\times(r+p)`); the basis is the top
+        ``rank`` left singular vectors of :math:`XZ` (a Rayleigh–Ritz step).
+        That last product is one more multiplication by :math:`X`, so the basis
+        gets :math:`2 + 2q` multiplications instead of :math:`1 + 2q` (as the
+        short-side factor of ``torch.svd_lowrank``). Cost
+        :math:`(4 + 4q)\,kl(r+p)` flops + QRs + an SVD of
+        :math:`k\times(r+p)`. Default ``n_iter=2, oversample=8``.
     ``"warm"``
         block power iteration started from ``previous`` (plus ``oversample``
         random columns): ``n_iter`` times :math:`Z=\mathrm{orth}(X^\top P)`,
@@ -192,8 +197,9 @@ def lowrank_basis(G: Tensor, rank: int, *,
             here; the warm start and the alignment target.
         n_iter: power iterations (``None``: method default).
         oversample: extra random columns (``None``: method default).
-        seed: ``None`` (fixed seed 0), an int or a ``torch.Generator`` on G's
-            device; drives ``"random"`` and the sketches of ``"rsvd"``/``"warm"``.
+        seed: ``None`` (fixed seed 0), an int or a ``torch.Generator`` (on G's
+            device, or a CPU generator for any device: drawn on the CPU and
+            copied); drives ``"random"`` and the sketches of ``"rsvd"``/``"warm"``.
         align: align signs to ``previous`` when given.
         dtype: dtype of the returned basis (default ``G.dtype``; prefer float32
             for half-precision gradients, whose bases are otherwise orthonormal
@@ -215,9 +221,13 @@ def lowrank_basis(G: Tensor, rank: int, *,
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
     batch = G.shape[:-2]
-    gen = _resolve_generator(seed, G.device, "seed")
+    if method == "svd" and (isinstance(seed, bool)
+                            or not isinstance(seed, (torch.Generator, int, type(None)))):
+        _resolve_generator(seed, G.device, "seed")  # the type error for a bad seed
+    gen = None if method == "svd" else _resolve_generator(seed, G.device, "seed")
 
     if method == "random":
+        assert gen is not None
         return (_gaussian((*batch, k, rank), gen, G.device, torch.float32)
                 / math.sqrt(rank)).to(out_dtype)
 
@@ -247,10 +257,17 @@ def lowrank_basis(G: Tensor, rank: int, *,
         # Exact (and cheaper than a sketch spanning the whole range).
         P = torch.linalg.svd(X, full_matrices=False).U[..., :rank]
     elif method == "rsvd":
-        Q, R = _range_finder(X, size, n_iter, gen)
-        P = _rayleigh_ritz(X, Q, R, rank)
+        # Sketch the *other* side, then multiply by X once more: the basis wanted
+        # gets 2 + 2·n_iter multiplications instead of 1 + 2·n_iter (a
+        # half-iteration for one more product, as torch.svd_lowrank's short-side
+        # factor): Z spans X's dominant row space, the top left singular
+        # vectors of X Z are the basis.
+        assert gen is not None
+        Z, _ = _range_finder(X.mT, size, n_iter, gen)
+        P = torch.linalg.svd(X @ Z, full_matrices=False).U[..., :rank]
     else:  # warm
         assert previous is not None
+        assert gen is not None
         Q0 = previous.to(cdt).expand(*batch, k, rank)
         Q, R = _range_finder(X, size, n_iter, gen, Q0=Q0)
         P = _rayleigh_ritz(X, Q, R, rank)

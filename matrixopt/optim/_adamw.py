@@ -20,7 +20,14 @@ from torch import Tensor
 
 from ._distributed import local_tensor
 from ._nonfinite import StepFlags
-from ._state import compute_dtype, init_moment, is_native, load_moment, store_moment
+from ._state import (
+    compute_dtype,
+    counters_to_cpu_,
+    init_moment,
+    is_native,
+    load_moment,
+    store_moment,
+)
 from .functional.adam import adamw_
 
 __all__ = ["init_adam_state", "adamw_states_"]
@@ -29,7 +36,7 @@ __all__ = ["init_adam_state", "adamw_states_"]
 def init_adam_state(state: dict[str, Any], like: Tensor, state_dtype: str | None = None
                     ) -> None:
     """Create AdamW state shaped like ``like``, the moments stored as ``state_dtype`` says."""
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if state_dtype is None:
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
@@ -44,6 +51,8 @@ def adamw_states_(params: list[Tensor], grads: list[Tensor], states: list[dict[s
     """:func:`~matrixopt.optim.functional.adamw_` on local parameters whose moments live
     in ``states`` in any ``state_dtype`` format (``grads`` are the flags' safe ones)."""
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    for s in states:  # a checkpoint from a capturable optimizer holds `step` on the device
+        counters_to_cpu_(s, ("step",))
     native = [i for i, (p, s) in enumerate(zip(params, states))
               if is_native(s, "exp_avg", p, state_dtype)
               and is_native(s, "exp_avg_sq", p, state_dtype)]

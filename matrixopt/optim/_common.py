@@ -198,7 +198,13 @@ class MatrixOptimizer(Optimizer):
             check.choice("nonfinite", NONFINITE_POLICIES)
         self._check_group(check)
         if "_strategy" in self.__dict__:  # after construction: re-check the parallelism
-            self._resolve_strategy()
+            previous = self._strategy
+            try:
+                self._resolve_strategy()
+            except ValueError:  # GroupError included: leave the optimizer as it was
+                self.param_groups.pop()
+                self._strategy = previous
+                raise
 
     def _check_duplicates(self, params: list[Any], index: int) -> None:
         """A parameter may appear once in one group: twice would update it twice per step."""

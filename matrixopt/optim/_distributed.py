@@ -11,9 +11,16 @@ longest-processing-time scheduling on their cost :math:`b\,\min(m,n)^2\max(m,n)`
 (:func:`lpt_assign`, deterministic, so every rank computes the same plan); each
 rank orthogonalises only its own matrices (batched by shape) and one
 ``all_gather`` of a padded flat buffer gives every rank every update. The
-exchange runs in the iteration dtype when the result is exactly representable
-in it (bf16 iterations → bf16 payload, half the bytes); every rank, the owner
-included, uses the exchanged values, so replicas never drift apart.
+exchange runs in the iteration dtype when it is narrower than the parameters'
+(bf16 iterations of fp32 parameters → bf16 payload, half the bytes). That is
+decided from the configuration alone -- no collective, no host read -- and is
+exact: :func:`~matrixopt.linalg.orthogonalize` returns its last iterate, held in
+the iteration dtype, cast to the input's. Every rank, the owner included, uses
+the exchanged values, so replicas never drift apart.
+
+**Devices**: every tensor handed to a collective here is created on the
+parameters' device (NCCL accepts no CPU tensor), and nothing in these paths
+reads a device value on the host.
 
 **FSDP2** (:func:`torch.distributed.fsdp.fully_shard`; parameters, gradients
 and momentum are DTensors with placement ``Shard(0)`` on a 1-D mesh; the local
@@ -58,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
-           "sharded_right_basis"]
+           "sharded_right_basis", "payload_dtype"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -203,13 +210,20 @@ def _batched(mats: list[Tensor], orth: Callable[[Tensor], Tensor]) -> list[Tenso
     return out  # type: ignore[return-value]
 
 
-def _exchange_dtype(O: Tensor, comm_dtype: torch.dtype | None) -> torch.dtype:
-    """``comm_dtype`` if ``O`` round-trips through it exactly, else ``O.dtype``."""
-    if comm_dtype is None or comm_dtype == O.dtype or O.numel() == 0:
-        return O.dtype
-    if torch.finfo(comm_dtype).bits >= torch.finfo(O.dtype).bits:
-        return O.dtype
-    return comm_dtype if torch.equal(O.to(comm_dtype).to(O.dtype), O) else O.dtype
+def payload_dtype(dtype: torch.dtype, comm_dtype: torch.dtype | None) -> torch.dtype:
+    """Dtype of the orthogonalised updates on the wire: ``comm_dtype`` (the iteration
+    dtype) when it is a floating dtype narrower than ``dtype`` (the directions'), else
+    ``dtype``.
+
+    Exact: :func:`~matrixopt.linalg.orthogonalize` with ``dtype=comm_dtype`` ends with
+    its last iterate, held in ``comm_dtype``, cast to the input dtype, so the values
+    round-trip through ``comm_dtype`` unchanged. Decided from the configuration only:
+    every rank agrees without a collective and nothing is read from the device.
+    """
+    if (comm_dtype is None or not comm_dtype.is_floating_point
+            or torch.finfo(comm_dtype).bits >= torch.finfo(dtype).bits):
+        return dtype
+    return comm_dtype
 
 
 def distributed_orthogonalize(ctx: DistContext | None, dirs: list[Tensor],
@@ -245,12 +259,9 @@ def _ddp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]]
                          f"got {sorted({str((d.dtype, d.device)) for d in dirs})}")
     mine = [i for i, o in enumerate(owner) if o == ctx.rank]
     done = _batched([dirs[i].reshape(views[i]) for i in mine], orth)
-    # Every rank must agree on the payload dtype: exact in comm_dtype everywhere.
-    dtype = dirs[0].dtype
-    if comm_dtype is not None and comm_dtype != dtype:
-        ok = torch.tensor([int(all(_exchange_dtype(O, comm_dtype) == comm_dtype for O in done))])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.group)
-        dtype = comm_dtype if ok.item() else dtype
+    # every rank derives the same payload dtype from the configuration (exact, see
+    # payload_dtype): no agreement round, no host read
+    dtype = payload_dtype(dirs[0].dtype, comm_dtype)
     sizes = [sum(dirs[i].numel() for i, o in enumerate(owner) if o == r) for r in range(ctx.world)]
     width = max(sizes)
     buf = torch.zeros(width, dtype=dtype, device=dirs[0].device)
@@ -278,8 +289,7 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
     dtype, device = dirs[0].dtype, dirs[0].device
     # Payload in the iteration dtype when it is narrower (Moonlight's bf16 gather):
     # the iteration casts to it right after normalising anyway.
-    wire = comm_dtype if comm_dtype is not None and comm_dtype.is_floating_point and \
-        torch.finfo(comm_dtype).bits < torch.finfo(dtype).bits else dtype
+    wire = payload_dtype(dtype, comm_dtype)
     plan = []  # (chunk rows, row numel, rows per rank) per tensor
     for d, shape in zip(dirs, full_shapes):
         chunk, rows = shard_rows(shape[0], w)
@@ -316,11 +326,7 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
         fulls.append(torch.cat(pieces).reshape(views[i]))
         offs += padded[i]
     done = _batched(fulls, orth)
-    rdtype = wire
-    if wire == dtype and comm_dtype is not None and comm_dtype != dtype:
-        ok = torch.tensor([int(all(_exchange_dtype(O, comm_dtype) == comm_dtype for O in done))])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.group)
-        rdtype = comm_dtype if ok.item() else dtype
+    rdtype = wire  # the results are exact in it (payload_dtype)
 
     # 3. rows back to their ranks: segment for rank s = its padded chunk of each of my tensors.
     back_parts = []
@@ -467,17 +473,22 @@ def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, me
     if method == "svd" or size >= min(rows, n):
         _, R = _tsqr(X, ctx, chunk)
         P = torch.linalg.svd(R, full_matrices=False).Vh.mT[..., :rank]
+    elif previous is None:
+        # rsvd as lowrank_basis does it: sketch the other side (G's row-sharded
+        # column space), then one more multiplication gives the right basis.
+        Omega = _gaussian((b, n, size), gen, G.device, X.dtype)
+        Qr, _ = _tsqr(X @ Omega, ctx, chunk)
+        for _ in range(n_iter):
+            Zr = torch.linalg.qr(a_times(Qr), mode="reduced").Q
+            Qr, _ = _tsqr(X @ Zr, ctx, chunk)
+        P = torch.linalg.svd(a_times(Qr), full_matrices=False).U[..., :rank]
     else:
-        if previous is None:
-            Omega = _gaussian((b, rows, size), gen, G.device, X.dtype)
-            Q = torch.linalg.qr(a_times(Omega[:, start:start + ml]), mode="reduced").Q
-        else:
-            k = previous.shape[-1]
-            Q = previous.to(X.dtype).expand(b, n, k)
-            if size > k:
-                Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
-                Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
-                                    mode="reduced").Q
+        k = previous.shape[-1]
+        Q = previous.to(X.dtype).expand(b, n, k)
+        if size > k:
+            Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
+            Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
+                                mode="reduced").Q
         if n_iter < 1:
             raise ValueError(f"sharded_right_basis: method {method!r} needs n_iter >= 1")
         R = Q

@@ -32,11 +32,31 @@ from ._distributed import local_tensor
 from ._quant import MIN_QUANT_NUMEL, dequantize_blockwise, quantize_blockwise
 
 __all__ = ["STATE_DTYPES", "check_state_dtype", "init_moment", "load_moment", "store_moment",
-           "zero_moment", "is_native", "compute_dtype"]
+           "zero_moment", "is_native", "compute_dtype", "COUNTERS", "counters_to_cpu_"]
 
 STATE_DTYPES = (None, "fp32", "bf16", "int8")
 ABSMAX = "_absmax"
 _HALF = (torch.float16, torch.bfloat16)
+
+
+#: GaLore's scalar schedule counters (int64). Like torch's ``step`` they live on the
+#: CPU whatever the parameter's device: the step reads them as Python ints to decide
+#: the refresh schedule and the random basis' seed, which on a device tensor would be
+#: a host synchronisation per matrix per step.
+COUNTERS = ("iteration", "refresh_step", "refresh_offset", "seed")
+
+
+def counters_to_cpu_(state: dict[str, Any], keys: tuple[str, ...] = COUNTERS) -> None:
+    """Move scalar counters that a loader put on an accelerator back to the CPU.
+
+    A no-op for state created or loaded by matrixopt (its loader keeps them on the
+    CPU); a state dict converted by other tools may hold them on the parameter's
+    device, and then this costs one synchronisation, once.
+    """
+    for k in keys:
+        v = state.get(k)
+        if isinstance(v, Tensor) and v.device.type != "cpu":
+            state[k] = local_tensor(v).cpu()
 
 
 def check_state_dtype(check: Any) -> None:

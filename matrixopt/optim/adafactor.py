@@ -57,6 +57,7 @@ from ._nonfinite import StepFlags
 from ._state import (
     check_state_dtype,
     compute_dtype,
+    counters_to_cpu_,
     init_moment,
     is_native,
     load_moment,
@@ -98,7 +99,7 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
     is set.
     """
     sd = stat_dtype(like.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(like.shape)
@@ -305,6 +306,8 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
     """:func:`~matrixopt.optim.functional.adafactor_` on local parameters whose state lives
     in ``states`` (any ``state_dtype`` of the momentum; group hyperparameters from
     ``group``). Shared by :class:`Adafactor` and GaLoreAdafactor's unprojected tensors."""
+    for s in states:  # a checkpoint from a capturable optimizer holds `step` on the device
+        counters_to_cpu_(s, ("step",))
     beta2s, rhos = group_step_sizes([s["step"] for s in states], group)
     sd, beta1 = group["state_dtype"], group["beta1"]
     # a quantised / converted momentum steps through a transient float32 copy
@@ -343,7 +346,7 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
     from torch.distributed.tensor import zeros as dzeros
     mesh = p.device_mesh  # type: ignore[attr-defined]
     sd = stat_dtype(p.dtype)
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
     if dims is not None:
         row_dim, col_dim = dims
         rshape = list(p.shape)

@@ -88,13 +88,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The c10d collectives a stand-in checks (what matrixopt and these tests call).
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single",
+               "reduce_scatter_tensor", "broadcast", "reduce")
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def check_collective_devices(device: torch.device) -> dict[str, Any]:
+    """Replace the :data:`COLLECTIVES` of :mod:`torch.distributed` by stand-ins that
+    record, per call, whether every tensor handed over lives on ``device`` (the
+    parameters' device: NCCL rejects CPU tensors) and is a plain tensor, then call the
+    real collective. Returns ``{"calls": {name: count}, "violations": [...]}``.
+
+    With gloo on the CPU the parameters are CPU tensors, so this proves that every
+    payload is a plain tensor on the parameters' device and that no path hands a
+    collective a tensor of another device; it cannot tell a tensor created on the
+    parameters' device from one created without a device (the default, CPU) -- the
+    Muon job's steps under ``torch.device("meta")`` cover that -- nor from one created
+    with a hard-coded ``device="cpu"``.
+    """
+    record: dict[str, Any] = {"calls": dict.fromkeys(COLLECTIVES, 0), "violations": []}
+    for name in COLLECTIVES:
+        real = getattr(dist, name)
+
+        def stand_in(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            record["calls"][_name] += 1
+            for t in _tensors(args) + _tensors(kwargs):
+                if t.device != device or type(t) is not torch.Tensor:
+                    record["violations"].append((_name, str(t.device), type(t).__name__,
+                                                 tuple(t.shape)))
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, stand_in)
+    return record
+
+
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    record = check_collective_devices(torch.device("cpu"))  # gloo: CPU parameters
     try:
         fn(rank, world, Path(out))
     finally:
+        torch.save(record, Path(out) / f"collectives-{rank}.pt")
         dist.destroy_process_group()
 
 

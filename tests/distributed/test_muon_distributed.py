@@ -62,6 +62,16 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             out[cls.__name__] = "no error"
         except ValueError as e:
             out[cls.__name__] = str(e)
+    # item 9 of issue 13: the FSDP2 rejections also hold for a group added later
+    mesh = init_device_mesh("cpu", (world,))
+    for name, extra in (("add_normuon", {"normuon": True}), ("add_int8", {"state_dtype": "int8"})):
+        opt = Muon([distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])])
+        try:
+            opt.add_param_group({"params": [distribute_tensor(torch.zeros(6, 3), mesh,
+                                                              [Shard(0)])], **extra})
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = f"{type(e).__name__}: {e} (groups: {len(opt.param_groups)})"
     other = dist.new_group(list(range(world)))
     mesh = init_device_mesh("cpu", (world,))
     try:
@@ -69,6 +79,38 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         out["group"] = "no error"
     except ValueError as e:
         out["group"] = str(e)
+    return out
+
+
+def _meta_default_steps(rank: int, world: int) -> dict[str, str]:
+    """Muon steps (DDP, FSDP2, default bf16 payload) with ``torch.device("meta")`` as the
+    default device: a tensor the step creates without a device (as the CPU all-reduce
+    of the payload-dtype vote was) becomes a meta tensor, which the collective stand-ins
+    of ``_harness`` record as a violation (and gloo rejects)."""
+    from _harness import local_batch
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        model = make_model()
+        if mode == "ddp":
+            model = DDP(model)
+            opt = Muon(model.parameters(), lr=0.02, process_group=dist.group.WORLD)
+        else:
+            fully_shard(model)
+            opt = Muon(model.parameters(), lr=0.02)
+        try:
+            for s in range(2):
+                x, y = local_batch(s, rank, world)
+                loss = (model(x) - y).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.device("meta"):
+                    opt.step()
+            out[mode] = "ok" if all(p.device.type == "cpu" for p in model.parameters()) \
+                else "parameters moved"
+        except Exception as e:  # reported, not raised: the other jobs still run
+            out[mode] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -161,6 +203,7 @@ def _job(rank: int, world: int, out: Path) -> None:
     res["resumed"] = [train_step(model, opt, CKPT_AT + s, rank, world) for s in range(RESUME)]
     res["osd_keys"] = sorted(get_optimizer_state_dict(model, opt)["state"])
     res["errors"] = _errors(rank, world)
+    res["meta_default"] = _meta_default_steps(rank, world)
     if rank == 0:
         torch.save(res, out / "res.pt")
 
@@ -309,6 +352,55 @@ def test_unsupported_layouts_raise_naming_them(results: tuple[dict, Path]) -> No
     assert "process_group" in errors["group"] and "mesh" in errors["group"]
     for name in ("Adafactor", "GaLoreAdamW"):
         assert name in errors[name] and "Replicate" in errors[name]
+
+
+def test_fsdp2_rejections_hold_in_add_param_group(results: tuple[dict, Path]) -> None:
+    errors = results[0]["errors"]
+    assert errors["add_normuon"].startswith("GroupError") and "normuon" in errors["add_normuon"]
+    assert "param_groups[1]" in errors["add_normuon"]
+    assert "'int8'" in errors["add_int8"] and "FSDP2" in errors["add_int8"]
+    # the rejected group is not kept
+    assert errors["add_normuon"].endswith("(groups: 1)")
+    assert errors["add_int8"].endswith("(groups: 1)")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_collective_gets_tensors_on_the_parameters_device(dist_out: Path,
+                                                                rank: int) -> None:
+    """The stand-ins of _harness.check_collective_devices saw every c10d collective of
+    every distributed job (Muon DDP/FSDP2, Adafactor/GaLore FSDP2, their fallbacks)."""
+    record = torch.load(dist_out / f"collectives-{rank}.pt", weights_only=False)
+    assert record["violations"] == []
+    calls = record["calls"]
+    # the paths are exercised: DDP's all_gather, FSDP2's all_to_all, the reductions
+    assert calls["all_gather"] > 0 and calls["all_to_all_single"] > 0
+    assert calls["all_reduce"] > 0
+
+
+def test_steps_create_no_device_less_tensor_for_collectives(results: tuple[dict, Path]) -> None:
+    assert results[0]["meta_default"] == {"ddp": "ok", "fsdp": "ok"}
+
+
+def test_payload_dtype_comes_from_the_configuration() -> None:
+    from matrixopt.optim._distributed import payload_dtype
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert payload_dtype(f32, bf16) == bf16 and payload_dtype(f32, f16) == f16
+    assert payload_dtype(f32, None) == f32 and payload_dtype(f32, f32) == f32
+    assert payload_dtype(bf16, f16) == bf16 and payload_dtype(torch.float64, f32) == f32
+    # exact: an orthogonalisation in a narrow dtype round-trips through it unchanged,
+    # whatever the method and normalisation (so the bf16 payload loses nothing)
+    from matrixopt.linalg import orthogonalize
+    for shape in ((3, 8, 5), (2, 5, 40), (1, 64, 64)):
+        X = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        for method in ("standard", "gram"):
+            for norm in ("frobenius", "spectral", "aol"):
+                for dt in (bf16, f16):
+                    try:
+                        O = orthogonalize(X, dtype=dt, method=method, normalization=norm)
+                    except ValueError:  # a combination linalg rejects (issue 13 item 11)
+                        continue
+                    assert O.dtype == f32 and torch.equal(O.to(dt).to(f32), O), \
+                        (shape, method, norm, dt)
 
 
 def test_ddp_group_without_init_process_group_raises() -> None:

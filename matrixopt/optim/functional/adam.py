@@ -50,14 +50,15 @@ def step_value(step: Tensor) -> Any:
     (so the graph takes it as an input instead of guarding on its value)."""
     if torch.compiler.is_compiling():
         return step
-    return float(step.item())
+    return float(step.tolist())  # type: ignore[arg-type]  # a 0-dim tensor: a number
 
 
 def step_values(steps: Sequence[Tensor]) -> list[Any]:
     """:func:`step_value` of every counter; eagerly one read for the whole list."""
     if torch.compiler.is_compiling():
         return list(steps)
-    return torch.stack(list(steps)).tolist() if steps else []
+    # one 0-dim CPU read each (tolist: a number; no stack, so no new tensor to read)
+    return [s.tolist() for s in steps]
 
 
 def bias_corrections(steps: Sequence[Tensor], beta1: float, beta2: float

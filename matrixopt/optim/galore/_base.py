@@ -26,7 +26,15 @@ from ...linalg.projectors import (
 from .._common import MatrixOptimizer, _GroupChecker, check_grad
 from .._distributed import local_tensor, shard_rows, sharded_right_basis
 from .._nonfinite import StepFlags
-from .._state import ABSMAX, check_state_dtype, init_moment, load_moment, store_moment
+from .._state import (
+    ABSMAX,
+    COUNTERS,
+    check_state_dtype,
+    counters_to_cpu_,
+    init_moment,
+    load_moment,
+    store_moment,
+)
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
 from ..routing import external_stacklevel
@@ -40,8 +48,6 @@ RESIDUALS = (None, "fira", "apollo")
 _GRANULARITY = ("channel", "tensor")
 _HALF = (torch.float16, torch.bfloat16)
 _SEED_STRIDE = 1_000_003  # mixes (matrix seed, refresh step) into one generator seed
-#: GaLore's scalar counters: int64 CPU tensors, as torch keeps ``step``.
-COUNTERS = ("iteration", "refresh_step", "refresh_offset", "seed")
 
 
 def galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_type: str,
@@ -298,6 +304,7 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             item = Item(key=p, p=wp, state=state, G=wg.reshape(b, rows, n), b=b, m=rows, n=n,
                         batched=view.batched, side=side, rank=min(int(group["rank"]), m, n),
                         M=m, index=len(items), sharded=on_shards, whole=whole)
+            counters_to_cpu_(state, COUNTERS + ("step",))  # a converted checkpoint's
             if "iteration" not in state:
                 gi, j = pos[id(p)]
                 ordinal = sum(len(g["params"]) for g in self.param_groups[:gi]) + j
@@ -325,8 +332,8 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
     def _init_state(self, group: dict[str, Any], item: Item, seed: int) -> None:
         st = item.state
         for k in ("iteration", "refresh_step", "refresh_offset"):
-            st[k] = torch.tensor(0, dtype=torch.int64)
-        st["seed"] = torch.tensor(seed, dtype=torch.int64)
+            st[k] = torch.tensor(0, dtype=torch.int64, device="cpu")
+        st["seed"] = torch.tensor(seed, dtype=torch.int64, device="cpu")
         r1, r2 = {"left": (item.rank, item.n), "right": (item.m, item.rank),
                   "both": (item.rank, item.rank)}[item.side]
         dt = torch.promote_types(item.G.dtype, self._basis_dtype(item.p))
@@ -388,7 +395,9 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 it.advanced = True
                 due.append(it)
         if due:
-            self._refresh(group, due, StepFlags.off())
+            run = (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling()
+                   else self._refresh)
+            run(group, due, StepFlags.off())
 
     def _projected_step(self, group: dict[str, Any], items: list[Item], flags: StepFlags
                         ) -> None:
@@ -399,7 +408,11 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 if self._due(group, it.state, int(it.state["iteration"])):
                     refresh.append(it)
         if refresh:
-            self._refresh(group, refresh, flags.subset([it.index for it in refresh]))
+            # the range finder's QR/SVD and seeds from CPU counters: run eagerly under
+            # torch.compile (a graph break at refresh steps, no recompilation)
+            run = (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling()
+                   else self._refresh)
+            run(group, refresh, flags.subset([it.index for it in refresh]))
         pd = group["proj_dtype"]
         # one matrix at a time: only one matrix's projected gradient, direction and
         # temporaries are alive at once
