@@ -299,7 +299,7 @@ class MatrixOptimizer(Optimizer):
     def _step_selected(self, selected: list[tuple[int, dict[str, Any], list[Tensor]]]) -> None:
         for index, group, params in selected:
             if group.get("nonfinite") == "raise":
-                self._raise_if_nonfinite(index, group, params)
+                self._raise_on_nonfinite(index, group, params)
         for index, group, params in selected:
             self._step_group(index, group, params)
 
@@ -310,19 +310,20 @@ class MatrixOptimizer(Optimizer):
             return StepFlags.off()
         return StepFlags.compute(grads, reduce=self._strategy.reduce)
 
-    def _raise_if_nonfinite(self, index: int, group: dict[str, Any], params: list[Tensor]
+    def _raise_on_nonfinite(self, index: int, group: dict[str, Any], params: list[Tensor]
                             ) -> None:
         """``nonfinite="raise"``: :class:`NonFiniteGradientError` naming the group and
         parameter of the first gradient with NaN/Inf, before anything is modified; one
-        host synchronisation per such group (only this policy pays it)."""
+        host synchronisation per device and group (only this policy pays it)."""
         strategy = self._strategy
         flags = StepFlags.compute([strategy.local(p.grad) for p in params],  # type: ignore[arg-type]
                                   reduce=strategy.reduce)
         assert flags.ok is not None
-        bad = torch.stack([f.cpu() for f in flags.ok]).logical_not().nonzero()
-        if bad.numel() == 0:
+        ok = flags.ok
+        if all(bool(torch.stack([f for f in ok if f.device == d]).all())
+               for d in {f.device for f in ok}):
             return
-        p = params[int(bad[0, 0])]
+        p = params[next(i for i, f in enumerate(ok) if not bool(f))]
         j = next(k for k, q in enumerate(group["params"]) if q is p)
         names = group.get("param_names")
         name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""

@@ -46,15 +46,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from matrixopt.optim.galore import _GaLoreBase
+from matrixopt.optim.galore._base import GaLoreBase as _GaLoreBase
 
 aten = torch.ops.aten
 STEPS = 3
 POLICIES = ("skip", "ignore", "raise")
-# Item 7 of issue 13: linalg's _prepare (svd.py) reads the per-matrix max to the host
-# to decide a rescaling; that fix lives in matrixopt/linalg (another change). Until it
-# lands, a read whose innermost matrixopt frame is _prepare is reported as expected.
-_KNOWN_LINALG = ("svd.py", "_prepare")
 
 
 def _where() -> tuple[str, str, int]:
@@ -150,13 +146,6 @@ def _unexpected(reads: list[Any], policy: str) -> list[Any]:
     return [r for r in reads if not (policy == "raise" and r[3].endswith(" [raise]"))]
 
 
-def _known_linalg_read(reads: list[Any]) -> None:
-    known = [r for r in reads if r[:2] == _KNOWN_LINALG]
-    if known:
-        pytest.xfail(f"linalg/svd.py _prepare reads the per-matrix max on the host at a "
-                     f"refresh (issue 13 item 7, fixed in matrixopt/linalg): {known[0]}")
-
-
 _GALORE = [i for i in REGISTRY if i.cls.__name__.startswith("GaLore")]
 
 
@@ -225,14 +214,8 @@ def _cpu_generators(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_no_host_read_of_a_device_tensor(info: OptimInfo, policy: str) -> None:
     overrides = {"update_proj_gap": 2} if info in _GALORE else {}
     reads: list[Any] = []
-    try:
-        reads, _ = dry_run(info, policy, reads=reads, **overrides)
-    except Exception:
-        _known_linalg_read(reads)  # its data-dependent indexing fails right after
-        raise
+    reads, _ = dry_run(info, policy, reads=reads, **overrides)
     bad = _unexpected(reads, policy)
-    if bad and all(r[:2] == _KNOWN_LINALG for r in bad):
-        _known_linalg_read(bad)
     assert not bad, f"host reads of device tensors in {info.name} ({policy}): {bad}"
     if policy == "raise":
         assert reads, "nonfinite='raise' must check the flags"

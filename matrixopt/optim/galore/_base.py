@@ -161,6 +161,13 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
 
     # ------------------------------------------------------------ construction
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if not GaLoreBase._refresh_is_eager:
+            # A refresh (QR/SVD, seeds and bucket plans from CPU counters) runs eagerly
+            # under torch.compile: a graph break once per update_proj_gap steps instead of
+            # a recompilation. Wrapped here, not at import: torch.compiler.disable imports
+            # dynamo, which `import matrixopt` must not pay for.
+            GaLoreBase._refresh = torch.compiler.disable(GaLoreBase._refresh)  # type: ignore[method-assign]
+            GaLoreBase._refresh_is_eager = True
         super().__init__(params, defaults)
         self._galore_built = True
         self._warn_no_rank()
@@ -246,6 +253,7 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 and group["proj_dtype"] is None)
 
     _shardable_inner = False
+    _refresh_is_eager = False
 
     # -------------------------------------------------------------------- step
     def _step_group(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -395,9 +403,7 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 it.advanced = True
                 due.append(it)
         if due:
-            run = (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling()
-                   else self._refresh)
-            run(group, due, StepFlags.off())
+            self._refresh(group, due, StepFlags.off())
 
     def _projected_step(self, group: dict[str, Any], items: list[Item], flags: StepFlags
                         ) -> None:
@@ -408,11 +414,7 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 if self._due(group, it.state, int(it.state["iteration"])):
                     refresh.append(it)
         if refresh:
-            # the range finder's QR/SVD and seeds from CPU counters: run eagerly under
-            # torch.compile (a graph break at refresh steps, no recompilation)
-            run = (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling()
-                   else self._refresh)
-            run(group, refresh, flags.subset([it.index for it in refresh]))
+            self._refresh(group, refresh, flags.subset([it.index for it in refresh]))
         pd = group["proj_dtype"]
         # one matrix at a time: only one matrix's projected gradient, direction and
         # temporaries are alive at once
@@ -506,9 +508,14 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
             if o is not None and one.active:  # a skipped matrix keeps its basis
                 nb = [one.select(0, n, p) for n, p in zip(nb, o)]
             it.state["refresh_step"].copy_(it.state["iteration"])
+            it.bases = nb
             if method != "random":
                 self._store_bases(group, it, nb)
-            it.bases = nb
+                if group["state_dtype"] in (None, "fp32"):
+                    # the stored tensors themselves, as every later step reads them (the
+                    # same tensors for torch.compile's guards); a rounded int8/bf16 basis
+                    # is not used on the step that computed it
+                    it.bases = self._load_bases(group, it)
             if o is None or group["on_refresh"] == "keep":
                 continue
             if group["on_refresh"] == "reset":
