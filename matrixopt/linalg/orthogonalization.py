@@ -189,6 +189,14 @@ def resolve_method(m: int, n: int, steps: int | Sequence[tuple[float, ...]], met
     return "gram" if gram < GRAM_FLOP_RATIO * std else "standard"
 
 
+def iteration_dtype(dtype: torch.dtype, method: str) -> torch.dtype:
+    """The dtype :func:`orthogonalize` iterates (and returns its last iterate) in for a
+    requested ``dtype``: float16 for ``method="gram"`` with bfloat16 (see
+    :func:`resolve_method`: bf16 rounding of the accumulated factor diverges), else
+    ``dtype``. ``"auto"`` never picks gram in bfloat16, so it keeps ``dtype``."""
+    return torch.float16 if method == "gram" and dtype == torch.bfloat16 else dtype
+
+
 # ------------------------------------------------------------ normalisation
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is normalised in float32."""
@@ -354,8 +362,7 @@ def orthogonalize(
         _check_finite(G, "G")
     *batch, m, n = G.shape
     meth = resolve_method(m, n, schedule, method, restart_every, work)
-    if meth == "gram" and work == torch.bfloat16:
-        work = torch.float16  # see the `method` argument: bf16 rounding of Q diverges
+    work = iteration_dtype(work, meth)
     ops = _ops(resolve_backend(G, backend, work))
     if G.numel() == 0:
         return torch.zeros_like(G)

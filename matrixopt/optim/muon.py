@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.coefficients import resolve_coefficients
-from ..linalg.orthogonalization import orthogonalize
+from ..linalg.orthogonalization import iteration_dtype, orthogonalize
 from ._adamw import adamw_states_, init_adam_state
 from ._common import (
     GroupError,
@@ -360,6 +360,9 @@ class Muon(MatrixOptimizer):
                 normalization=group["normalization"], dtype=group["ns_dtype"],
                 method=group["ns_method"], backend=group["ns_backend"])
 
+        # the payload of a distributed exchange: what the iteration ends in (exact)
+        comm = (iteration_dtype(group["ns_dtype"], group["ns_method"])
+                if group["ns_dtype"] is not None else None)
         split = _split_spec(group["split"])
         cols_k = split[0] if split is not None and split[1] == "cols" else 0
         whole = [self._view_shape({**group, "split": None}, p) for p in keys]
@@ -368,7 +371,7 @@ class Muon(MatrixOptimizer):
             if cols_k:  # a column split: each block made contiguous
                 dirs = [_col_blocks(d, v, cols_k) for d, v in zip(dirs, whole)]
             return self._strategy.orthogonalize(dirs, views, [p.shape for p in keys], orth,
-                                                comm_dtype=group["ns_dtype"])
+                                                comm_dtype=comm)
 
         def unview(i: int, O: Tensor) -> Tensor:
             if cols_k:

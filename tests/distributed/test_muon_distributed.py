@@ -387,9 +387,12 @@ def test_payload_dtype_comes_from_the_configuration() -> None:
     assert payload_dtype(f32, bf16) == bf16 and payload_dtype(f32, f16) == f16
     assert payload_dtype(f32, None) == f32 and payload_dtype(f32, f32) == f32
     assert payload_dtype(bf16, f16) == bf16 and payload_dtype(torch.float64, f32) == f32
-    # exact: an orthogonalisation in a narrow dtype round-trips through it unchanged,
-    # whatever the method and normalisation (so the bf16 payload loses nothing)
+    # exact: an orthogonalisation round-trips unchanged through the dtype it iterates in
+    # (iteration_dtype: float16 for an explicit gram with bf16), whatever the method and
+    # normalisation, so the payload Muon picks from it loses nothing
     from matrixopt.linalg import orthogonalize
+    from matrixopt.linalg.orthogonalization import iteration_dtype
+    assert iteration_dtype(bf16, "gram") == f16 and iteration_dtype(bf16, "auto") == bf16
     for shape in ((3, 8, 5), (2, 5, 40), (1, 64, 64)):
         X = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         for method in ("standard", "gram"):
@@ -399,7 +402,8 @@ def test_payload_dtype_comes_from_the_configuration() -> None:
                         O = orthogonalize(X, dtype=dt, method=method, normalization=norm)
                     except ValueError:  # a combination linalg rejects (issue 13 item 11)
                         continue
-                    assert O.dtype == f32 and torch.equal(O.to(dt).to(f32), O), \
+                    wire = payload_dtype(f32, iteration_dtype(dt, method))
+                    assert O.dtype == f32 and torch.equal(O.to(wire).to(f32), O), \
                         (shape, method, norm, dt)
 
 
