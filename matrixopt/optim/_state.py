@@ -144,36 +144,3 @@ def zero_moment(state: dict[str, Any], key: str, signed: bool) -> None:
                            out=(state[key], state[key + ABSMAX]))
     else:
         state[key].zero_()
-
-
-def momentum_directions_(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-                         key: str, mu: float, nesterov: bool, state_dtype: str | None
-                         ) -> list[Tensor]:
-    r"""Advance the momentum ``M ← μM + (1-μ)G`` stored under ``key`` and return the
-    directions (Nesterov: :math:`(1-μ)G + μM`, else :math:`M`), in each parameter's dtype.
-
-    Native moments use one foreach call (the direction may then be the state
-    tensor itself); the others go one parameter at a time through a transient
-    float32 copy, so at most one dequantised buffer is alive at once.
-    """
-    out: list[Tensor | None] = [None] * len(params)
-    native = [i for i, (p, s) in enumerate(zip(params, states))
-              if is_native(s, key, p, state_dtype)]
-    if native:
-        bufs = [local_tensor(states[i][key]) for i in native]
-        gs = [grads[i] for i in native]
-        torch._foreach_lerp_(bufs, gs, 1.0 - mu)
-        dirs = torch._foreach_lerp(gs, bufs, mu) if nesterov else bufs
-        for i, d in zip(native, dirs):
-            out[i] = d
-    for i, (p, g, st) in enumerate(zip(params, grads, states)):
-        if out[i] is not None:
-            continue
-        dt = compute_dtype(p)
-        g = g.to(dt)
-        buf = load_moment(st, key, dt, signed=True)
-        buf.lerp_(g, 1.0 - mu)
-        d = torch.lerp(g, buf, mu) if nesterov else buf
-        store_moment(st, key, buf, state_dtype, signed=True)
-        out[i] = d.to(p.dtype)
-    return out  # type: ignore[return-value]
