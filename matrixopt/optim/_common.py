@@ -437,3 +437,22 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def external_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` that points at the first frame outside
+    matrixopt and torch.optim (the user's line), however deep the call came from."""
+    import os
+    import sys
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    optim = os.path.dirname(os.path.abspath(torch.optim.__file__))
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if not (fname.startswith(pkg + os.sep) or fname.startswith(optim + os.sep)):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level

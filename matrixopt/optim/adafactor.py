@@ -79,6 +79,9 @@ __all__ = [
     "adafactor_states_",
     "group_step_sizes",
     "check_adafactor_group",
+    "adafactor_defaults",
+    "second_moment_shapes",
+    "init_group_state",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -100,21 +103,35 @@ def init_adafactor_state(state: dict[str, Any], like: Tensor, dims: tuple[int, i
     """
     sd = stat_dtype(like.dtype)
     state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
-    if dims is not None:
-        row_dim, col_dim = dims
-        rshape = list(like.shape)
-        rshape[col_dim] = 1
-        cshape = list(like.shape)
-        cshape[row_dim] = 1
-        state["exp_avg_sq_row"] = torch.zeros(rshape, dtype=sd, device=like.device)
-        state["exp_avg_sq_col"] = torch.zeros(cshape, dtype=sd, device=like.device)
-    else:
-        state["exp_avg_sq"] = torch.zeros(like.shape, dtype=sd, device=like.device)
+    for key, shape in second_moment_shapes(like.shape, dims).items():
+        state[key] = torch.zeros(shape, dtype=sd, device=like.device)
     if beta1 is not None and state_dtype is not None:
         init_moment(state, "exp_avg", like, state_dtype, signed=True)
     elif beta1 is not None:
         state["exp_avg"] = torch.zeros(like.shape, dtype=momentum_dtype or like.dtype,
                                        device=like.device)
+
+
+def second_moment_shapes(shape: Sequence[int], dims: tuple[int, int] | None
+                         ) -> dict[str, tuple[int, ...]]:
+    """The second-moment state of a tensor of ``shape``: factored over ``dims`` =
+    (row_dim, col_dim), ``exp_avg_sq_row`` (size 1 at ``col_dim``) and
+    ``exp_avg_sq_col`` (size 1 at ``row_dim``); unfactored, ``exp_avg_sq`` (``shape``)."""
+    if dims is None:
+        return {"exp_avg_sq": tuple(shape)}
+    row_dim, col_dim = dims
+    rshape, cshape = list(shape), list(shape)
+    rshape[col_dim] = 1
+    cshape[row_dim] = 1
+    return {"exp_avg_sq_row": tuple(rshape), "exp_avg_sq_col": tuple(cshape)}
+
+
+def init_group_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | None,
+                     group: dict[str, Any], sharded: bool) -> None:
+    """Create the Adafactor state of ``p`` with ``group``'s settings: DTensors like ``p``
+    under FSDP2 (``sharded``), else plain tensors (shared with GaLoreAdafactor)."""
+    init = _init_sharded_state if sharded else init_adafactor_state
+    init(state, p, dims, group["beta1"], group["momentum_dtype"], group["state_dtype"])
 
 
 def _float(x: float | Tensor | None) -> float | None:
@@ -223,15 +240,11 @@ class Adafactor(MatrixOptimizer):
         state_dtype: str | None = None,
         external_lr: bool = True,
     ) -> None:
-        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
-        defaults = dict(
-            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
-            decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter,
-            relative_step=relative_step, warmup_init=warmup_init,
-            min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
-            momentum_dtype=momentum_dtype, nonfinite=nonfinite, state_dtype=state_dtype,
-        )
+        defaults = adafactor_defaults(lr, eps, clip_threshold, decay_rate, beta1, weight_decay,
+                                      scale_parameter, relative_step, warmup_init,
+                                      min_dim_size_to_factor, beta2_cap, momentum_dtype,
+                                      external_lr)
+        defaults.update(nonfinite=nonfinite, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def _check_strategy(self) -> None:
@@ -274,12 +287,7 @@ class Adafactor(MatrixOptimizer):
             d = factored_dims(p.shape, group["min_dim_size_to_factor"])
             state = self.state[p]
             if "step" not in state:
-                if self._strategy.sharded:
-                    _init_sharded_state(state, p, d, group["beta1"], group["momentum_dtype"],
-                                        group["state_dtype"])
-                else:
-                    init_adafactor_state(state, p, d, group["beta1"], group["momentum_dtype"],
-                                         group["state_dtype"])
+                init_group_state(state, p, d, group, self._strategy.sharded)
             elif ("exp_avg_sq_row" in state) != (d is not None):
                 raise RuntimeError(
                     f"Adafactor: param_groups[{index}]: the state of a parameter of shape "
@@ -347,19 +355,10 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
     mesh = p.device_mesh  # type: ignore[attr-defined]
     sd = stat_dtype(p.dtype)
     state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
-    if dims is not None:
-        row_dim, col_dim = dims
-        rshape = list(p.shape)
-        rshape[col_dim] = 1
-        cshape = list(p.shape)
-        cshape[row_dim] = 1
-        state["exp_avg_sq_row"] = dzeros(rshape, dtype=sd, device_mesh=mesh,
-                                         placements=[Shard(0)])
-        state["exp_avg_sq_col"] = dzeros(cshape, dtype=sd, device_mesh=mesh,
-                                         placements=[Replicate() if row_dim == 0 else Shard(0)])
-    else:
-        state["exp_avg_sq"] = dzeros(list(p.shape), dtype=sd, device_mesh=mesh,
-                                     placements=[Shard(0)])
+    for key, shape in second_moment_shapes(p.shape, dims).items():
+        spans_rows = key == "exp_avg_sq_col" and dims is not None and dims[0] == 0
+        state[key] = dzeros(list(shape), dtype=sd, device_mesh=mesh,
+                            placements=[Replicate() if spans_rows else Shard(0)])
     if beta1 is not None:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(state_dtype or "",
                                                                 momentum_dtype or p.dtype)
@@ -368,6 +367,23 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
 
 #: The relative step's cap when ``lr`` is not read (Hugging Face's constant).
 HF_RELATIVE_STEP_CAP = 1e-2
+
+
+def adafactor_defaults(lr: Any, eps: Any, clip_threshold: Any, decay_rate: Any, beta1: Any,
+                       weight_decay: Any, scale_parameter: Any, relative_step: Any,
+                       warmup_init: Any, min_dim_size_to_factor: Any, beta2_cap: Any,
+                       momentum_dtype: Any, external_lr: bool) -> dict[str, Any]:
+    """The Adafactor keys of a ``defaults`` dict (shared with GaLoreAdafactor), ``lr``
+    as stored (:func:`adafactor_lr_defaults`)."""
+    lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
+    return dict(
+        lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
+        decay_rate=decay_rate, beta1=beta1,
+        weight_decay=weight_decay, scale_parameter=scale_parameter,
+        relative_step=relative_step, warmup_init=warmup_init,
+        min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
+        momentum_dtype=momentum_dtype,
+    )
 
 
 def adafactor_lr_defaults(lr: Any, external_lr: bool, relative_step: Any

@@ -39,6 +39,7 @@ from ._common import (
     MatrixOptimizer,
     _GroupChecker,
     check_grad,
+    external_stacklevel,
 )
 from ._distributed import _is_dtensor, local_tensor
 from ._nonfinite import StepFlags
@@ -52,7 +53,6 @@ from ._state import (
 )
 from ._views import VIEWS, matrix_view
 from .functional.muon import ADJUST_LR_MODES, muon_, muon_update_scale
-from .routing import external_stacklevel
 
 __all__ = ["Muon", "muon_update_scale", "ADJUST_LR_MODES"]
 

@@ -23,7 +23,7 @@ from ...linalg.projectors import (
     project_back,
     projection_side,
 )
-from .._common import MatrixOptimizer, _GroupChecker, check_grad
+from .._common import MatrixOptimizer, _GroupChecker, check_grad, external_stacklevel
 from .._distributed import local_tensor, shard_rows, sharded_right_basis
 from .._nonfinite import StepFlags
 from .._state import (
@@ -37,7 +37,6 @@ from .._state import (
 )
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
-from ..routing import external_stacklevel
 
 __all__ = ["PROJ_TYPES", "PROJECTORS", "ON_REFRESH", "RESIDUALS", "galore_defaults"]
 

@@ -19,13 +19,13 @@ from .._nonfinite import StepFlags
 from .._state import compute_dtype, is_native, load_moment, store_moment, zero_moment
 from ..adafactor import (
     _float,
-    _init_sharded_state,
-    adafactor_lr_defaults,
+    adafactor_defaults,
     adafactor_states_,
     check_adafactor_group,
     group_step_sizes,
     hf_schedule_lr,
     init_adafactor_state,
+    init_group_state,
 )
 from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype
 from ._base import GaLoreBase, Item, galore_defaults
@@ -97,14 +97,10 @@ class GaLoreAdafactor(GaLoreBase):
         nonfinite: str = "skip",
         external_lr: bool = True,
     ) -> None:
-        lr, external_lr = adafactor_lr_defaults(lr, external_lr, relative_step)
         defaults = dict(
-            lr=lr, external_lr=external_lr, eps=eps, clip_threshold=clip_threshold,
-            decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter,
-            relative_step=relative_step, warmup_init=warmup_init,
-            min_dim_size_to_factor=min_dim_size_to_factor, beta2_cap=beta2_cap,
-            momentum_dtype=momentum_dtype,
+            **adafactor_defaults(lr, eps, clip_threshold, decay_rate, beta1, weight_decay,
+                                 scale_parameter, relative_step, warmup_init,
+                                 min_dim_size_to_factor, beta2_cap, momentum_dtype, external_lr),
             **galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
                                residual, residual_granularity, norm_growth_limit, stagger, seed,
                                matrix_view, proj_dtype, nonfinite, state_dtype))
@@ -123,14 +119,8 @@ class GaLoreAdafactor(GaLoreBase):
                     grads: list[Tensor], flags: StepFlags) -> None:
         dims = [factored_dims(k.shape, group["min_dim_size_to_factor"]) for k in keys]
         for k, d in zip(keys, dims):
-            st = self.state[k]
-            if "step" not in st:
-                if self._strategy.sharded:
-                    _init_sharded_state(st, k, d, group["beta1"], group["momentum_dtype"],
-                                        group["state_dtype"])
-                else:
-                    init_adafactor_state(st, k, d, group["beta1"], group["momentum_dtype"],
-                                         group["state_dtype"])
+            if "step" not in self.state[k]:  # like the parameter: a DTensor under FSDP2
+                init_group_state(self.state[k], k, d, group, self._strategy.sharded)
         adafactor_states_(params, grads, [self.state[k] for k in keys], dims, group, flags,
                           self._strategy.reduce, [k.shape for k in keys])
 
