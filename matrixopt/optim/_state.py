@@ -32,7 +32,8 @@ from ._distributed import local_tensor
 from ._quant import MIN_QUANT_NUMEL, dequantize_blockwise, quantize_blockwise
 
 __all__ = ["STATE_DTYPES", "check_state_dtype", "init_moment", "load_moment", "store_moment",
-           "zero_moment", "is_native", "compute_dtype", "COUNTERS", "counters_to_cpu_"]
+           "zero_moment", "is_native", "compute_dtype", "COUNTERS", "counters_to_cpu_",
+           "step_moment"]
 
 STATE_DTYPES = (None, "fp32", "bf16", "int8")
 ABSMAX = "_absmax"
@@ -111,6 +112,17 @@ def load_moment(state: dict[str, Any], key: str, dtype: torch.dtype, signed: boo
     if key + ABSMAX in state:
         return dequantize_blockwise(t, state[key + ABSMAX], signed, dtype)
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def step_moment(state: dict[str, Any], key: str, state_dtype: str | None, like: Tensor
+                ) -> tuple[Tensor, bool]:
+    """A signed moment as the tensor a step updates, and whether it is native: the stored
+    (local) tensor itself, updated in place; else a transient copy in
+    :func:`compute_dtype` of ``like`` (dequantised for int8), to be written back with
+    :func:`store_moment`."""
+    if is_native(state, key, state[key], state_dtype):
+        return local_tensor(state[key]), True
+    return load_moment(state, key, compute_dtype(like), signed=True), False
 
 
 def store_moment(state: dict[str, Any], key: str, work: Tensor, state_dtype: str | None,

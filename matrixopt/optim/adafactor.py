@@ -56,11 +56,9 @@ from ._distributed import local_tensor
 from ._nonfinite import StepFlags
 from ._state import (
     check_state_dtype,
-    compute_dtype,
     counters_to_cpu_,
     init_moment,
-    is_native,
-    load_moment,
+    step_moment,
     store_moment,
 )
 from .functional.adafactor import (
@@ -324,10 +322,8 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
     for i, (s, p) in enumerate(zip(states, params)):
         if beta1 is None:
             continue
-        if is_native(s, "exp_avg", s["exp_avg"], sd):
-            moms[i] = local_tensor(s["exp_avg"])
-        else:
-            moms[i] = load_moment(s, "exp_avg", compute_dtype(p), signed=True)
+        moms[i], native = step_moment(s, "exp_avg", sd, p)
+        if not native:
             stored.append(i)
 
     def get(key: str) -> list[Tensor | None]:

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-import matrixopt.optim.galore._base as galore_mod
+import matrixopt.optim.galore._refresh as galore_mod
 from matrixopt.optim._common import GroupError
 from matrixopt.optim.adafactor import Adafactor
 from matrixopt.optim.galore import GaLoreAdafactor, GaLoreAdamW

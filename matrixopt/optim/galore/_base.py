@@ -1,42 +1,30 @@
-"""GaLore's shared machinery: state layout, refresh schedule, refresh, projection.
+"""GaLore's shared machinery: group keys, state layout, the step, projection.
 
 The inner optimizer (Adam or Adafactor on the projected gradient) is supplied by
 the subclasses (:mod:`.adamw`, :mod:`.adafactor`); the per-step math is
-:func:`matrixopt.optim.functional.galore_apply_`; the distribution strategy
-decides where matrices live (:meth:`_GaLoreBase._items`).
+:func:`matrixopt.optim.functional.galore_apply_`; the refresh (schedule, range
+finder, basis storage, transport) is :mod:`._refresh`; the distribution strategy
+decides where matrices live (:meth:`GaLoreBase._items`).
 """
 
 from __future__ import annotations
 
 import abc
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ...linalg.projectors import (
-    basis_overlap,
-    lowrank_basis,
-    project,
-    project_back,
-    projection_side,
-)
+from ...linalg.projectors import project, project_back, projection_side
 from .._common import MatrixOptimizer, _GroupChecker, check_grad, external_stacklevel
-from .._distributed import local_tensor, shard_rows, sharded_right_basis
+from .._distributed import local_tensor, shard_rows
 from .._nonfinite import StepFlags
-from .._state import (
-    ABSMAX,
-    COUNTERS,
-    check_state_dtype,
-    counters_to_cpu_,
-    init_moment,
-    load_moment,
-    store_moment,
-)
+from .._state import COUNTERS, check_state_dtype, counters_to_cpu_
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
+from ._item import Item, _LocalState
+from ._refresh import GaLoreRefresh
 
 __all__ = ["PROJ_TYPES", "PROJECTORS", "ON_REFRESH", "RESIDUALS", "galore_defaults"]
 
@@ -45,8 +33,6 @@ PROJECTORS = ("warm", "rsvd", "svd", "random")
 ON_REFRESH = ("transport", "reset", "keep")
 RESIDUALS = (None, "fira", "apollo")
 _GRANULARITY = ("channel", "tensor")
-_HALF = (torch.float16, torch.bfloat16)
-_SEED_STRIDE = 1_000_003  # mixes (matrix seed, refresh step) into one generator seed
 
 
 def galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_type: str,
@@ -78,59 +64,10 @@ def check_galore_keys(check: _GroupChecker) -> None:
     check_state_dtype(check)
 
 
-@dataclass
-class Item:
-    """One projected parameter during a step: its matrix view and where its state is.
-
-    ``p``/``G`` are what the math runs on: the local rows (FSDP2, right side: ``m``
-    local rows of ``M``), or whole tensors."""
-
-    key: Tensor        # the parameter (state key)
-    p: Tensor
-    state: dict[str, Any]
-    G: Tensor          # [b, m, n] safe gradient (set after the flags), never written
-    b: int
-    m: int
-    n: int
-    batched: bool      # state tensors keep the leading batch dim ([E, ...] params)
-    side: str          # "left" | "right" | "both"
-    rank: int          # min(group rank, m, n)
-    M: int             # global rows
-    index: int         # position among the step's flags
-    bases: list[Tensor] = field(default_factory=list)  # 3-D working bases
-    proj: Any = None   # the bases in proj_dtype for this step
-    sharded: bool = False
-    advanced: bool = False  # random refresh done before the flags (see _refresh_random)
-    whole: Tensor | None = None  # the gathered parameter of the whole-matrix fallback
-
-
-class _LocalState(dict):  # type: ignore[type-arg]
-    """Plain-tensor view of a state dict holding DTensors (FSDP2): each key maps to its
-    local shard (sharing storage, so in-place updates land in the DTensor);
-    :meth:`write_back` copies replaced entries into the shards, adds new plain entries
-    (a replicated basis) and drops removed ones."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        super().__init__({k: local_tensor(v) if isinstance(v, Tensor) else v
-                          for k, v in state.items()})
-        self.origin = state
-        self.seen = dict(self)
-
-    def write_back(self) -> None:
-        for k, v in self.items():
-            old = self.origin.get(k)
-            if old is not None and old is not v and local_tensor(old) is not old:
-                if self.seen.get(k) is not v:
-                    local_tensor(old).copy_(v)
-            elif old is not v:
-                self.origin[k] = v
-        for k in [k for k in self.origin if k not in self]:
-            del self.origin[k]
-
-
-class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
-    """Projection, refresh, transport and residuals; the inner optimizer comes from the
-    subclasses."""
+class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
+    """Projection, refresh (:class:`~._refresh.GaLoreRefresh`), transport and residuals;
+    the inner optimizer comes from the subclasses (with the refresh's
+    ``_inner_transport`` and ``_inner_reset``)."""
 
     # ------------------------------------------------------------ subclass API
     @abc.abstractmethod
@@ -151,12 +88,6 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                          ) -> tuple[Tensor, Any, Any]:
         """(low-rank direction N, step multiplier c, decay factor d) of one item."""
 
-    @abc.abstractmethod
-    def _inner_transport(self, group: dict[str, Any], item: Item, Q: Any, flags: StepFlags
-                         ) -> None: ...
-
-    @abc.abstractmethod
-    def _inner_reset(self, group: dict[str, Any], item: Item, flags: StepFlags) -> None: ...
 
     # ------------------------------------------------------------ construction
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
@@ -225,21 +156,6 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                 f"{'AdamW' if 'AdamW' in check.owner else 'Adafactor'}'s. Use a smaller rank, "
                 f"or put these parameters in a group without rank",
                 stacklevel=external_stacklevel())
-
-    # ------------------------------------------------------------------ shapes
-    @staticmethod
-    def _basis_dtype(p: Tensor) -> torch.dtype:
-        return torch.float32 if p.dtype in _HALF else p.dtype
-
-    @staticmethod
-    def _st(t: Tensor, item: Item) -> Tensor:
-        """A 3-D working tensor in the shape it is stored with."""
-        return t if item.batched else t.squeeze(0)
-
-    @staticmethod
-    def _w(t: Tensor) -> Tensor:
-        """A stored tensor as a 3-D working view."""
-        return t if t.ndim == 3 else t.unsqueeze(0)
 
     def _on_shards(self, group: dict[str, Any], p: Tensor) -> bool:
         """Under FSDP2: whether this matrix runs on its row shard (GaLoreAdamW, one matrix
@@ -359,51 +275,6 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
         if group["residual"] is not None:
             st["residual_norm"] = torch.zeros(item.b, dtype=torch.float32, device=item.p.device)
 
-    def _assign_offsets(self, group: dict[str, Any], fresh: list[Item]) -> None:
-        """Spread each shape's matrices over ``stagger`` refresh slots by their position
-        among the group's matrices of that shape (stored, so a resumed run keeps the
-        schedule; the same slots whether the group steps at once or parameter by
-        parameter)."""
-        gap = int(group["update_proj_gap"])
-        slots = max(1, min(int(group["stagger"]), gap))
-        order: dict[int, int] = {}
-        count: dict[tuple[int, ...], int] = {}
-        for q in group["params"]:
-            if q.ndim >= 2:
-                v = matrix_view(q.shape, group["matrix_view"])
-                order[id(q)] = count.get((v.m, v.n), 0)
-                count[(v.m, v.n)] = order[id(q)] + 1
-        for it in fresh:
-            j = order[id(it.key)]
-            it.state["refresh_offset"].fill_(((j % slots) * gap) // slots)
-
-    @staticmethod
-    def _due(group: dict[str, Any], st: dict[str, Any], t: int) -> bool:
-        """Whether a matrix refreshes at iteration ``t`` (CPU counters: no device read)."""
-        has_basis = "projector" in st or (group["projector"] == "random" and t > 1)
-        return not has_basis or (t - 1 - int(st["refresh_offset"])) % int(
-            group["update_proj_gap"]) == 0
-
-    def _refresh_random(self, group: dict[str, Any], items: list[Item]) -> None:
-        """``projector="random"``: refresh before the flags are computed.
-
-        A random basis is a function of (seed, refresh step) only, CPU counters that
-        a device flag cannot condition without a host sync; so such a refresh is not
-        undone by a skipped step on any device: the moments move into the new basis
-        (``on_refresh``) and only the gradient's contribution is skipped. Moments and
-        basis always describe the same subspace.
-        """
-        if group["projector"] != "random":
-            return
-        due = []
-        for it in items:
-            if self._due(group, it.state, int(it.state["iteration"]) + 1):
-                it.state["iteration"].add_(1)
-                it.advanced = True
-                due.append(it)
-        if due:
-            self._refresh(group, due, StepFlags.off())
-
     def _projected_step(self, group: dict[str, Any], items: list[Item], flags: StepFlags
                         ) -> None:
         refresh = []
@@ -437,128 +308,6 @@ class GaLoreBase(MatrixOptimizer, metaclass=abc.ABCMeta):
                           residual_norm=it.state.get("residual_norm"),
                           basis=it.bases[0] if fused else None, flags=one)
             it.bases, it.proj = [], None
-
-    # ----------------------------------------------------------------- refresh
-    @staticmethod
-    def _sides(item: Item) -> list[str]:
-        return ["left", "right"] if item.side == "both" else [item.side]
-
-    @staticmethod
-    def _generator(seed: int, device: torch.device) -> torch.Generator:
-        """The generator of a refresh's random draws: a ``torch.Generator`` on ``device``
-        seeded from CPU counters (nothing read from the device). A hook: the
-        CUDA-claiming dry run substitutes a CPU one (fake tensors cannot build a CUDA
-        generator)."""
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        return g
-
-    def _random_bases(self, item: Item, refresh_step: int) -> list[Tensor]:
-        seed = (int(item.state["seed"]) * _SEED_STRIDE + refresh_step) % (2 ** 62)
-        dt = self._basis_dtype(item.p)
-        # the basis depends on the full shape only (G is not read): a row shard stands in
-        G = item.G if item.M == item.m else item.G.new_zeros(()).expand(item.b, item.M, item.n)
-        return [lowrank_basis(G, item.rank, method="random", side=s,  # type: ignore[arg-type]
-                              seed=self._generator(seed + i, G.device), dtype=dt,
-                              check_finite=False)
-                for i, s in enumerate(self._sides(item))]
-
-    def _basis_keys(self, item: Item) -> list[str]:
-        return ["projector", "projector_right"] if item.side == "both" else ["projector"]
-
-    def _load_bases(self, group: dict[str, Any], item: Item) -> list[Tensor]:
-        if group["projector"] == "random":
-            return self._random_bases(item, int(item.state["refresh_step"]))
-        dt = self._basis_dtype(item.p)
-        # int8 / bf16 bases are dequantised here, transiently
-        return [self._w(load_moment(item.state, k, dt, signed=True))
-                for k in self._basis_keys(item)]
-
-    def _store_bases(self, group: dict[str, Any], item: Item, bases: list[Tensor]) -> None:
-        """Store a refreshed basis in the group's ``state_dtype`` (int8: signed block-wise
-        code + float32 ``<key>_absmax``; bf16; else the basis dtype). The refresh step
-        itself projects with the full-precision ``bases``."""
-        st, sd = item.state, group["state_dtype"]
-        for key, P in zip(self._basis_keys(item), bases):
-            P = self._st(P.contiguous(), item)
-            st.pop(key + ABSMAX, None)  # a quantised basis of an earlier format
-            if sd in ("bf16", "int8"):
-                st.pop(key, None)  # new tensors: the old basis may still be read
-                init_moment(st, key, P, sd, signed=True)
-                store_moment(st, key, P, sd, signed=True)
-            else:
-                st[key] = P
-
-    def _refresh(self, group: dict[str, Any], items: list[Item], flags: StepFlags) -> None:
-        """New bases for ``items`` (one batched range finder per bucket of same-shape
-        matrices), stored and the moments moved into them (``on_refresh``); a skipped
-        matrix keeps its basis and moments."""
-        method = group["projector"]
-        old: list[list[Tensor] | None] = []
-        for it in items:
-            if method == "random":
-                old.append(self._random_bases(it, int(it.state["refresh_step"]))
-                           if int(it.state["iteration"]) > 1 else None)
-            else:
-                old.append(self._load_bases(group, it) if "projector" in it.state else None)
-        new = self._new_bases(group, items, old)
-        for i, (it, o, nb) in enumerate(zip(items, old, new)):
-            one = flags.subset([i])
-            if o is not None and one.active:  # a skipped matrix keeps its basis
-                nb = [one.select(0, n, p) for n, p in zip(nb, o)]
-            it.state["refresh_step"].copy_(it.state["iteration"])
-            it.bases = nb
-            if method != "random":
-                self._store_bases(group, it, nb)
-                if group["state_dtype"] in (None, "fp32"):
-                    # the stored tensors themselves, as every later step reads them (the
-                    # same tensors for torch.compile's guards); a rounded int8/bf16 basis
-                    # is not used on the step that computed it
-                    it.bases = self._load_bases(group, it)
-            if o is None or group["on_refresh"] == "keep":
-                continue
-            if group["on_refresh"] == "reset":
-                self._inner_reset(group, it, one)
-            elif it.side == "both":
-                self._inner_transport(group, it, (basis_overlap(nb[0], o[0], "left"),
-                                                  basis_overlap(nb[1], o[1], "right")), one)
-            else:
-                self._inner_transport(group, it, basis_overlap(nb[0], o[0], it.side),  # type: ignore[arg-type]
-                                      one)
-
-    def _new_bases(self, group: dict[str, Any], items: list[Item],
-                   old: list[list[Tensor] | None]) -> list[list[Tensor]]:
-        method = group["projector"]
-        new: list[list[Tensor]] = [[] for _ in items]
-        if method == "random":
-            return [self._random_bases(it, int(it.state["iteration"])) for it in items]
-        buckets: dict[tuple[Any, ...], list[int]] = {}
-        for i, it in enumerate(items):
-            key = (it.M, it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device,
-                   old[i] is not None, it.sharded)
-            buckets.setdefault(key, []).append(i)
-        for (rows, _m, _n, _s, rank, _d, _dev, warm, sharded), idx in buckets.items():
-            first = items[idx[0]]
-            G = torch.cat([items[i].G for i in idx], dim=0) if len(idx) > 1 else first.G
-            seed = (int(first.state["seed"]) * _SEED_STRIDE
-                    + int(first.state["iteration"])) % (2 ** 62)
-            for k, side in enumerate(self._sides(first)):
-                prev = None
-                if warm:
-                    prevs = [old[i][k] for i in idx]  # type: ignore[index]
-                    prev = torch.cat(prevs, dim=0) if len(prevs) > 1 else prevs[0]
-                gen = self._generator(seed + k, G.device)
-                dt = self._basis_dtype(first.p)
-                if sharded:  # FSDP2 row shards, right side: only small all-reduces
-                    P = sharded_right_basis(self._strategy.ctx,  # type: ignore[attr-defined]
-                                            G, rows, rank, method=method, previous=prev,
-                                            seed=gen, dtype=dt)
-                else:
-                    P = lowrank_basis(G, rank, method=method, side=side,  # type: ignore[arg-type]
-                                      previous=prev, seed=gen, dtype=dt, check_finite=False)
-                for i, chunk in zip(idx, P.split([items[i].b for i in idx], dim=0)):
-                    new[i].append(chunk)
-        return new
 
     # ---------------------------------------------------------------- products
     @staticmethod

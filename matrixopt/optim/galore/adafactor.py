@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._common import _GroupChecker
 from .._nonfinite import StepFlags
-from .._state import compute_dtype, is_native, load_moment, store_moment, zero_moment
+from .._state import load_moment, step_moment, store_moment, zero_moment
 from ..adafactor import (
     _float,
     adafactor_defaults,
@@ -28,7 +28,8 @@ from ..adafactor import (
     init_group_state,
 )
 from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype
-from ._base import GaLoreBase, Item, galore_defaults
+from ._base import GaLoreBase, galore_defaults
+from ._item import Item
 
 __all__ = ["GaLoreAdafactor"]
 
@@ -157,9 +158,8 @@ class GaLoreAdafactor(GaLoreBase):
         decay = alpha * -wd + 1.0 if isinstance(alpha, Tensor) else 1.0 - wd * alpha
         if group["beta1"] is not None:
             sd = group["state_dtype"]
-            native = is_native(st, "exp_avg", st["exp_avg"], sd)
-            buf = self._w(st["exp_avg"]) if native else self._w(
-                load_moment(st, "exp_avg", compute_dtype(u), signed=True))
+            buf, native = step_moment(st, "exp_avg", sd, u)
+            buf = self._w(buf)
             flags.lerp_([buf], [u.mul_(coef).to(buf.dtype)], 1.0 - float(group["beta1"]))
             if not native:
                 store_moment(st, "exp_avg", self._st(buf, item), sd, signed=True)

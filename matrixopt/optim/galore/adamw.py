@@ -19,7 +19,8 @@ from .._common import _GroupChecker
 from .._nonfinite import StepFlags
 from .._state import compute_dtype, load_moment, store_moment, zero_moment
 from ..functional.adam import adam_direction, adam_moments_
-from ._base import GaLoreBase, Item, galore_defaults
+from ._base import GaLoreBase, galore_defaults
+from ._item import Item
 
 __all__ = ["GaLoreAdamW"]
 
