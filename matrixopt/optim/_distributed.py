@@ -42,9 +42,10 @@ rank sends to the others, an all-reduce of :math:`S` bytes moves :math:`2(w-1)S/
 (reduce-scatter + all-gather).
 
 **Adafactor and GaLoreAdamW under FSDP2** keep their statistics on the local
-shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`):
-see ``Adafactor._sharded_step``, :func:`sharded_right_basis` (the projector
-refresh) and :func:`_tsqr`.
+shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`,
+the ``reduce`` of :class:`~matrixopt.optim._dist.FSDP2Rows`):
+see :mod:`matrixopt.optim.functional.adafactor`, :func:`sharded_right_basis` (the
+projector refresh) and :func:`_tsqr`.
 """
 
 from __future__ import annotations
@@ -351,54 +352,6 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
             off += padded[i]
     return out  # type: ignore[return-value]
 
-
-def has_dtensors(opt: torch.optim.Optimizer) -> bool:
-    """Whether any parameter of ``opt`` is a DTensor (FSDP2)."""
-    return any(_is_dtensor(p) for g in opt.param_groups for p in g["params"])
-
-
-@contextlib.contextmanager
-def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
-    """Whole-matrix fallback for FSDP2: inside, ``opt`` sees plain whole tensors.
-
-    Every DTensor parameter (validated by :func:`resolve_context`) is replaced in
-    ``opt.param_groups`` by a whole copy (``full_tensor()``, an all-gather) whose
-    ``grad`` is the whole gradient, and its state is moved to that copy. On exit
-    the local rows of the updated copy are written back into the shard and the
-    state moves back. Every rank runs the same deterministic step on the same
-    whole tensors, so the state is *replicated* plain tensors (whole-matrix
-    memory on every rank, not sharded) — correct, including DCP save/load at any
-    world size, but with an all-gather of parameters and gradients per step.
-    Used for what does not run on shards yet: Adafactor with ``state_dtype`` set,
-    GaLoreAdafactor, and GaLoreAdamW with ``residual``, ``state_dtype``,
-    ``proj_dtype``, a left/full ``proj_type`` or batched (3-D) matrix views
-    (see ``_GaLoreBase._sharding``).
-    """
-    resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
-    swaps: list[tuple[dict[str, Any], int, DTensor, Tensor]] = []
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if not _is_dtensor(p):
-                continue
-            whole = p.full_tensor()
-            if p.grad is not None:
-                whole.grad = p.grad.full_tensor()  # type: ignore[attr-defined]  # a DTensor's grad
-            if p in opt.state:
-                opt.state[whole] = opt.state.pop(p)
-            group["params"][i] = whole
-            swaps.append((group, i, p, whole))
-    try:
-        yield
-    finally:
-        for group, i, p, whole in swaps:
-            group["params"][i] = p
-            if whole in opt.state:
-                opt.state[p] = opt.state.pop(whole)
-            whole.grad = None
-            local = p.to_local()
-            chunk, rows = shard_rows(p.shape[0], p.device_mesh.size())
-            start = p.device_mesh.get_local_rank() * chunk
-            local.copy_(whole[start:start + local.shape[0]])
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:

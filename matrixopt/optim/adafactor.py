@@ -193,9 +193,11 @@ class Adafactor(MatrixOptimizer):
     parameters); bf16/fp16 parameters are updated through a float32 copy.
 
     Under FSDP2 (``Shard(0)`` DTensor parameters) the step runs on the local
-    shards and only the sums that span the sharded dim are all-reduced; the
-    state stays sharded DTensors (``_sharded_step``). With ``state_dtype`` set
-    it falls back to whole matrices (:func:`~matrixopt.optim._distributed.gathered_params`).
+    shards and only the sums that span the sharded dim are all-reduced (the
+    strategy's ``reduce`` in :func:`~matrixopt.optim.functional.adafactor_`); the
+    state stays sharded DTensors, a bf16/fp32 ``state_dtype`` momentum included.
+    ``state_dtype="int8"`` with ``beta1`` is rejected there (its 256-entry blocks
+    would straddle the shards).
 
     State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with

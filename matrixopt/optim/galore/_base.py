@@ -3,7 +3,7 @@
 The inner optimizer (Adam or Adafactor on the projected gradient) is supplied by
 the subclasses (:mod:`.adamw`, :mod:`.adafactor`); the per-step math is
 :func:`matrixopt.optim.functional.galore_apply_`; the distribution strategy
-decides where matrices live (:meth:`_GaLoreBase._items`).
+decides where matrices live (:meth:`GaLoreBase._items`).
 """
 
 from __future__ import annotations
