@@ -262,7 +262,7 @@ class Adafactor(MatrixOptimizer):
         states = [self.state[p] for p in params]
         local = [strategy.local(p) for p in params]
         flags = self._flags(group, [strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
-        grads = flags.safe([strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
+        grads = [strategy.local(p.grad) for p in params]  # type: ignore[arg-type]  # made safe one by one
         adafactor_states_(local, grads, states, dims, group, flags, strategy.reduce,
                           [p.shape for p in params])
         flags.count_(states, [p.device for p in local])
