@@ -50,12 +50,17 @@ from torch import Tensor
 from matrixopt.linalg._checks import check_choice, check_dtype, check_matrix, check_positive_int
 from matrixopt.linalg.svd import (
     GeneratorLike,
+    RowShards,
     _check_rank,
+    _check_shards,
     _compute_dtype,
+    _Dense,
     _gaussian,
+    _Operator,
     _prepare,
     _range_finder,
     _resolve_generator,
+    _RowBlocks,
     _sign_convention,
 )
 
@@ -64,6 +69,7 @@ __all__ = [
     "BASIS_METHODS",
     "projection_side",
     "lowrank_basis",
+    "RowShards",
     "project",
     "project_back",
     "basis_overlap",
@@ -122,15 +128,15 @@ def _align_signs(P: Tensor, previous: Tensor) -> Tensor:
     return P * flip
 
 
-def _rayleigh_ritz(X: Tensor, Q: Tensor, R: Tensor | None, rank: int) -> Tensor:
-    """Rotate the orthonormal ``Q`` to approximate singular vectors and keep ``rank`` of them.
+def _rayleigh_ritz(op: _Operator, Q: Tensor, R: Tensor | None, rank: int) -> Tensor:
+    r"""Rotate the orthonormal ``Q`` to approximate singular vectors and keep ``rank`` of them.
 
     With ``R = Qᵀ X Z`` from the last half-iteration the SVD of the small
-    ``R`` is free; otherwise (no iteration) use ``B = Qᵀ X`` (one more product).
+    ``R`` is free; otherwise (no iteration) use the left singular vectors of
+    ``B = Qᵀ X``, i.e. the right ones of :math:`X^\top Q` (one more product).
     """
-    if R is None:
-        R = Q.mT @ X
-    Ur = torch.linalg.svd(R, full_matrices=False).U
+    Ur = (torch.linalg.svd(R, full_matrices=False).U if R is not None
+          else op.row_space(op.rmatmul(Q)))
     return Q @ Ur[..., :rank]
 
 
@@ -139,7 +145,8 @@ def lowrank_basis(G: Tensor, rank: int, *,
                   side: Side | None = None, previous: Tensor | None = None,
                   n_iter: int | None = None, oversample: int | None = None,
                   seed: GeneratorLike = None, align: bool = True,
-                  dtype: torch.dtype | None = None, check_finite: bool = True) -> Tensor:
+                  dtype: torch.dtype | None = None, check_finite: bool = True,
+                  shards: RowShards | None = None) -> Tensor:
     r"""Rank-``rank`` basis of ``G``'s dominant singular subspace on one side.
 
     Let :math:`X = G` for ``side="left"`` and :math:`X = G^\top` for ``"right"``
@@ -206,6 +213,18 @@ def lowrank_basis(G: Tensor, rank: int, *,
             only to ~1e-2). Computation is in at least float32.
         check_finite: raise ``ValueError`` if ``G`` holds NaN/Inf (``"random"``
             does not read ``G`` and skips it).
+        shards: ``None`` (``G`` is the whole matrix) or :class:`RowShards`: ``G``
+            is this worker's block of rows ``[..., m_loc, n]`` of a ``[..., rows, n]``
+            matrix and every worker calls with its block and the same other
+            arguments. The same algorithm runs with its products, QRs and
+            reductions through the hooks: :math:`X Z` with a row-blocked factor
+            becomes a local GEMM plus ``reduce_sum`` of a small ``n × s`` matrix, the
+            QR of a row-blocked ``rows × s`` matrix is ``shards.qr`` (TSQR), the
+            sketch of the blocked side is drawn whole and sliced (so it is the
+            single-process sketch), and the rescaling uses ``reduce_max``. Result:
+            the single-process basis of the whole matrix, replicated, up to
+            rounding. ``side`` must resolve to ``"right"`` (a replicated ``n × rank``
+            basis); ``method="random"`` reads nothing and needs no hooks.
 
     Returns:
         ``[..., k, rank]`` basis (orthonormal columns except for ``"random"``).
@@ -213,11 +232,18 @@ def lowrank_basis(G: Tensor, rank: int, *,
     G = check_matrix(G, "G")
     check_choice(method, "method", BASIS_METHODS)
     m, n = G.shape[-2:]
+    if shards is not None:
+        shards = _check_shards(shards, m)
+        m = shards.rows  # the whole matrix's shape decides rank bounds, side and sizes
     _check_rank(rank, m, n)
     if side is None:
         side = "right" if m >= n else "left"
     else:
         check_choice(side, "side", ("left", "right"))
+    if shards is not None and side != "right":
+        raise ValueError(f"lowrank_basis: with shards (G split by rows) only side='right' is "
+                         f"supported (a basis replicated on every worker); got side={side!r} "
+                         f"for a {m}x{n} G")
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
     batch = G.shape[:-2]
@@ -248,14 +274,16 @@ def lowrank_basis(G: Tensor, rank: int, *,
             )
     cdt = _compute_dtype(G.dtype)
     # the basis is scale-invariant, so the rescaling of 1e±30 inputs is free
-    X, _, _ = _prepare(G, "G", check_finite)
-    if side == "right":
-        X = X.mT
+    X, _, _ = _prepare(G, "G", check_finite, None if shards is None else shards.reduce_max)
+    # the operator of X (k×l; X = G or Gᵀ): products, QRs and sketches, of the
+    # whole matrix or through the hooks of its row blocks -- one algorithm below
+    op: _Operator = (_Dense(X.mT if side == "right" else X) if shards is None
+                     else _RowBlocks(X, shards, transposed=True))
     size = min(rank + oversample, m, n)
 
     if method == "svd" or size >= min(m, n):
         # Exact (and cheaper than a sketch spanning the whole range).
-        P = torch.linalg.svd(X, full_matrices=False).U[..., :rank]
+        P = op.left_singular()[..., :rank]
     elif method == "rsvd":
         # Sketch the *other* side, then multiply by X once more: the basis wanted
         # gets 2 + 2·n_iter multiplications instead of 1 + 2·n_iter (a
@@ -263,14 +291,14 @@ def lowrank_basis(G: Tensor, rank: int, *,
         # factor): Z spans X's dominant row space, the top left singular
         # vectors of X Z are the basis.
         assert gen is not None
-        Z, _ = _range_finder(X.mT, size, n_iter, gen)
-        P = torch.linalg.svd(X @ Z, full_matrices=False).U[..., :rank]
+        Z, _ = _range_finder(op.transpose(), size, n_iter, gen)
+        P = torch.linalg.svd(op.matmul(Z), full_matrices=False).U[..., :rank]
     else:  # warm
         assert previous is not None
         assert gen is not None
         Q0 = previous.to(cdt).expand(*batch, k, rank)
-        Q, R = _range_finder(X, size, n_iter, gen, Q0=Q0)
-        P = _rayleigh_ritz(X, Q, R, rank)
+        Q, R = _range_finder(op, size, n_iter, gen, Q0=Q0)
+        P = _rayleigh_ritz(op, Q, R, rank)
 
     P, _ = _sign_convention(P)
     if align and previous is not None:
