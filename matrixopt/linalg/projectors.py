@@ -41,7 +41,7 @@ are transported with :func:`basis_overlap` and :func:`transport_moments`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -118,14 +118,44 @@ def projection_side(shape: Sequence[int] | torch.Size,
     return "left" if proj_type == "left" else "right"
 
 
-def _align_signs(P: Tensor, previous: Tensor) -> Tensor:
-    """Flip each column of ``P`` whose dot product with ``previous``'s column is negative."""
+def _align_signs(P: Tensor, previous: Tensor,
+                 reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Flip each column of ``P`` whose dot product with ``previous``'s column is negative
+    (``reduce_sum``: sums the dot products over row blocks)."""
     r = min(P.shape[-1], previous.shape[-1])
     dots = (P[..., :r] * previous[..., :r].to(P.dtype)).sum(dim=-2, keepdim=True)
+    if reduce_sum is not None:
+        dots = reduce_sum(dots.contiguous())
     flip = torch.where(dots < 0, -torch.ones_like(dots), torch.ones_like(dots))
     if r < P.shape[-1]:
         flip = torch.cat([flip, flip.new_ones((*flip.shape[:-1], P.shape[-1] - r))], dim=-1)
     return P * flip
+
+
+def _sign_convention_blocks(P: Tensor, shards: RowShards) -> Tensor:
+    """:func:`~matrixopt.linalg.svd._sign_convention` for ``P`` held as row blocks: the
+    largest-magnitude entry of each whole column positive, ties to the first row as
+    ``argmax`` breaks them. Three reductions of ``[..., 1, r]`` over the blocks (the max,
+    the first row holding it, its sign); no host read."""
+    cols = (*P.shape[:-2], 1, P.shape[-1])
+    if P.shape[-2] == 0:  # an empty block takes part in the reductions only
+        local = idx = P.new_zeros(cols)
+        found = torch.zeros(cols, dtype=torch.bool, device=P.device)
+        gmax = shards.reduce_max(local.clone())
+    else:
+        A = P.abs()
+        local = A.amax(dim=-2, keepdim=True)
+        gmax = shards.reduce_max(local.clone())
+        hit = A == gmax
+        idx = hit.to(torch.uint8).argmax(dim=-2, keepdim=True)  # first local row at the max
+        found = hit.any(dim=-2, keepdim=True)
+    # -(first global row) under a max-reduction gives the first row over all blocks
+    row = idx.to(P.dtype) + shards.start
+    first = -shards.reduce_max(torch.where(found, -row, P.new_full((), -float(shards.rows))))
+    val = torch.gather(P, -2, idx.long()) if P.shape[-2] else local
+    mine = found & (row == first)
+    s = shards.reduce_sum(torch.where(mine, torch.sign(val), torch.zeros_like(val)))
+    return P * torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _rayleigh_ritz(op: _Operator, Q: Tensor, R: Tensor | None, rank: int) -> Tensor:
@@ -223,8 +253,10 @@ def lowrank_basis(G: Tensor, rank: int, *,
             sketch of the blocked side is drawn whole and sliced (so it is the
             single-process sketch), and the rescaling uses ``reduce_max``. Result:
             the single-process basis of the whole matrix, replicated, up to
-            rounding. ``side`` must resolve to ``"right"`` (a replicated ``n × rank``
-            basis); ``method="random"`` reads nothing and needs no hooks.
+            rounding: a right basis (``n × rank``) replicated on every worker, a
+            left one as this worker's rows ``[..., m_loc, rank]`` (``previous``
+            likewise; column signs are fixed over the whole columns with three
+            ``[..., 1, rank]`` reductions). ``method="random"`` reads nothing.
 
     Returns:
         ``[..., k, rank]`` basis (orthonormal columns except for ``"random"``).
@@ -240,12 +272,10 @@ def lowrank_basis(G: Tensor, rank: int, *,
         side = "right" if m >= n else "left"
     else:
         check_choice(side, "side", ("left", "right"))
-    if shards is not None and side != "right":
-        raise ValueError(f"lowrank_basis: with shards (G split by rows) only side='right' is "
-                         f"supported (a basis replicated on every worker); got side={side!r} "
-                         f"for a {m}x{n} G")
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
+    # rows of the basis held here: a left basis of row blocks is blocked like G
+    k_here = G.shape[-2] if (shards is not None and side == "left") else k
     batch = G.shape[:-2]
     if method == "svd" and (isinstance(seed, bool)
                             or not isinstance(seed, (torch.Generator, int, type(None)))):
@@ -254,8 +284,11 @@ def lowrank_basis(G: Tensor, rank: int, *,
 
     if method == "random":
         assert gen is not None
-        return (_gaussian((*batch, k, rank), gen, G.device, torch.float32)
-                / math.sqrt(rank)).to(out_dtype)
+        P = _gaussian((*batch, k, rank), gen, G.device, torch.float32) / math.sqrt(rank)
+        if k_here != k:  # drawn whole and sliced: the single-process basis' rows
+            assert shards is not None
+            P = P[..., shards.start:shards.start + k_here, :]
+        return P.to(out_dtype)
 
     if method == "warm" and previous is None:
         method = "rsvd"  # nothing to warm-start from: the cold randomized SVD
@@ -267,10 +300,11 @@ def lowrank_basis(G: Tensor, rank: int, *,
     assert n_iter is not None and oversample is not None
     if previous is not None:
         previous = check_matrix(previous, "previous")
-        if previous.shape[-2:] != (k, rank):
+        if previous.shape[-2:] != (k_here, rank):
+            held = "" if k_here == k else ", this block's rows"
             raise ValueError(
-                f"previous must have shape [..., {k}, {rank}] (the {side} basis of a "
-                f"{m}x{n} G at rank {rank}), got {tuple(previous.shape)}"
+                f"previous must have shape [..., {k_here}, {rank}] (the {side} basis of a "
+                f"{m}x{n} G at rank {rank}{held}), got {tuple(previous.shape)}"
             )
     cdt = _compute_dtype(G.dtype)
     # the basis is scale-invariant, so the rescaling of 1e±30 inputs is free
@@ -278,7 +312,7 @@ def lowrank_basis(G: Tensor, rank: int, *,
     # the operator of X (k×l; X = G or Gᵀ): products, QRs and sketches, of the
     # whole matrix or through the hooks of its row blocks -- one algorithm below
     op: _Operator = (_Dense(X.mT if side == "right" else X) if shards is None
-                     else _RowBlocks(X, shards, transposed=True))
+                     else _RowBlocks(X, shards, transposed=side == "right"))
     size = min(rank + oversample, m, n)
 
     if method == "svd" or size >= min(m, n):
@@ -292,17 +326,21 @@ def lowrank_basis(G: Tensor, rank: int, *,
         # vectors of X Z are the basis.
         assert gen is not None
         Z, _ = _range_finder(op.transpose(), size, n_iter, gen)
-        P = torch.linalg.svd(op.matmul(Z), full_matrices=False).U[..., :rank]
+        P = op.left_singular_of(op.matmul(Z))[..., :rank]
     else:  # warm
         assert previous is not None
         assert gen is not None
-        Q0 = previous.to(cdt).expand(*batch, k, rank)
+        Q0 = previous.to(cdt).expand(*batch, k_here, rank)
         Q, R = _range_finder(op, size, n_iter, gen, Q0=Q0)
         P = _rayleigh_ritz(op, Q, R, rank)
 
-    P, _ = _sign_convention(P)
+    if k_here != k:  # a blocked basis: signs decided over the whole columns
+        assert shards is not None
+        P = _sign_convention_blocks(P, shards)
+    else:
+        P, _ = _sign_convention(P)
     if align and previous is not None:
-        P = _align_signs(P, previous)
+        P = _align_signs(P, previous, None if k_here == k else shards.reduce_sum)  # type: ignore[union-attr]
     return P.to(out_dtype)
 
 

@@ -260,6 +260,11 @@ class _Operator(Protocol):
         singular value): the left singular vectors of :math:`Y^\top`."""
         ...
 
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        """Left singular vectors of a ``k``-side ``Y`` (``[..., k, min(k, s)]``, in ``Y``'s
+        layout, by descending singular value)."""
+        ...
+
 
 class _Dense:
     """``A`` held whole on one worker."""
@@ -292,6 +297,9 @@ class _Dense:
 
     def row_space(self, Y: Tensor) -> Tensor:
         return torch.linalg.svd(Y.mT, full_matrices=False).U
+
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        return torch.linalg.svd(Y, full_matrices=False).U
 
 
 class _RowBlocks:
@@ -345,6 +353,12 @@ class _RowBlocks:
             return torch.linalg.svd(Y.mT, full_matrices=False).U
         _, R = self._qr_blocks(Y)
         return torch.linalg.svd(R, full_matrices=False).Vh.mT
+
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        if self.transposed:  # the k side (G's columns) is replicated
+            return torch.linalg.svd(Y, full_matrices=False).U
+        Q, R = self._qr_blocks(Y)
+        return Q @ torch.linalg.svd(R, full_matrices=False).U
 
 
 def _range_finder(A: Tensor | _Operator, size: int, n_iter: int, generator: torch.Generator,

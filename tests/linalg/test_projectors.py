@@ -340,16 +340,25 @@ def run_row_blocks(G: torch.Tensor, counts: list[int],
     return out, comm.calls  # type: ignore[return-value]
 
 
-ROW_BLOCK_CASES = [  # (shape, rank, counts, method, options)
-    ((40, 16), 3, [20, 20], "rsvd", {}),
-    ((2, 13, 24), 3, [7, 6], "rsvd", {"n_iter": 0, "oversample": 2}),
-    ((2, 40, 16), 4, [14, 14, 12], "warm", {}),
-    ((40, 16), 3, [21, 19], "warm", {"n_iter": 0, "oversample": 3}),
-    ((40, 16), 3, [21, 19], "warm", {"n_iter": 3, "align": False}),
-    ((13, 24), 3, [7, 6], "svd", {}),
-    ((9, 5), 2, [5, 4, 0], "warm", {}),  # an empty block, sketch spanning the short side
-    ((30, 12), 3, [15, 15], "rsvd", {"scale": 1e30}),  # rescaled by one power of two
-    ((30, 12), 3, [15, 15], "warm", {"scale": 1e-30}),
+ROW_BLOCK_CASES = [  # (shape, rank, counts, method, side, options)
+    ((40, 16), 3, [20, 20], "rsvd", "right", {}),
+    ((2, 13, 24), 3, [7, 6], "rsvd", "right", {"n_iter": 0, "oversample": 2}),
+    ((2, 40, 16), 4, [14, 14, 12], "warm", "right", {}),
+    ((40, 16), 3, [21, 19], "warm", "right", {"n_iter": 0, "oversample": 3}),
+    ((40, 16), 3, [21, 19], "warm", "right", {"n_iter": 3, "align": False}),
+    ((13, 24), 3, [7, 6], "svd", "right", {}),
+    ((9, 5), 2, [5, 4, 0], "warm", "right", {}),  # an empty block, sketch spans the short side
+    ((30, 12), 3, [15, 15], "rsvd", "right", {"scale": 1e30}),  # one power of two for all
+    ((30, 12), 3, [15, 15], "warm", "right", {"scale": 1e-30}),
+    # left bases come back as each block's rows (signs fixed over whole columns)
+    ((2, 16, 40), 3, [8, 8], "rsvd", "left", {}),
+    ((16, 40), 3, [9, 7], "rsvd", "left", {"n_iter": 0, "oversample": 2}),
+    ((2, 16, 40), 4, [6, 6, 4], "warm", "left", {}),
+    ((16, 40), 3, [9, 7], "warm", "left", {"n_iter": 0, "oversample": 3}),
+    ((16, 40), 3, [9, 7], "warm", "left", {"n_iter": 2, "align": False, "scale": 1e30}),
+    ((13, 24), 3, [7, 6], "svd", "left", {}),
+    ((5, 9), 2, [3, 2, 0], "warm", "left", {}),
+    ((16, 40), 3, [9, 7], "random", "left", {}),
 ]
 
 
@@ -359,25 +368,39 @@ def test_lowrank_basis_on_row_blocks_equals_whole(case):
     block gets the basis of the whole matrix (the single-process call), for every method,
     n_iter, oversample, align and extreme scales (which overflow float32 unless the
     whole matrix is rescaled by the same power of two)."""
-    shape, r, counts, method, opts = case
+    shape, r, counts, method, side, opts = case
     opts = dict(opts)
     scale = opts.pop("scale", 1.0)
     g = torch.Generator().manual_seed(sum(shape))
     *batch, m, n = shape
     G = torch.randn(*shape, generator=g) @ torch.diag(torch.linspace(3, 0.1, n))
+    if m < n:
+        G = torch.diag(torch.linspace(3, 0.1, m)) @ G
     prev = (lowrank_basis(G + 0.3 * torch.randn(*shape, generator=g), r, method="svd",
-                          side="right") if method == "warm" else None)
+                          side=side) if method == "warm" else None)
     G = G * scale
-    want = lowrank_basis(G, r, method=method, side="right", previous=prev, seed=7, **opts)
+    want = lowrank_basis(G, r, method=method, side=side, previous=prev, seed=7, **opts)
     assert torch.isfinite(want).all()
-    got, calls = run_row_blocks(G, counts, lambda B, h: lowrank_basis(
-        B, r, method=method, side="right", previous=prev, seed=7, shards=h, **opts))
-    for P in got:
-        assert P.shape == (*batch, n, r)
-        torch.testing.assert_close(P, want, rtol=1e-4, atol=1e-4)
-    # the hooks carried the computation: one max for the scale, sums for the products
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+
+    def call(B: torch.Tensor, h: RowShards) -> torch.Tensor:
+        p = prev
+        if p is not None and side == "left":  # a left basis is held as row blocks
+            p = p[..., h.start:h.start + B.shape[-2], :]
+        return lowrank_basis(B, r, method=method, side=side, previous=p, seed=7, shards=h,
+                             **opts)
+
+    got, calls = run_row_blocks(G, counts, call)
+    for P, start, c in zip(got, starts, counts):
+        rows = slice(None) if side == "right" else slice(start, start + c)
+        assert P.shape == (*batch, n if side == "right" else c, r)
+        torch.testing.assert_close(P, want[..., rows, :], rtol=1e-4, atol=1e-4)
+    if method == "random":
+        assert calls == {"reduce_sum": 0, "reduce_max": 0, "qr": 0}
+        return
+    # the hooks carried the computation: a max for the scale, sums for the products
     # with the blocked side, QRs of blocked matrices
-    assert calls["reduce_max"] == 1
+    assert calls["reduce_max"] == (1 if side == "right" else 3)  # + 2 for the signs
     assert calls["qr"] >= 1
     assert calls["reduce_sum"] >= (1 if method != "svd" else 0)
 
@@ -402,8 +425,10 @@ def test_lowrank_basis_row_blocks_errors():
         return RowShards(rows=rows, start=start, reduce_sum=lambda t: t,
                          reduce_max=lambda t: t, qr=lambda Y: torch.linalg.qr(Y))
 
-    with pytest.raises(ValueError, match="only side='right'.*got side='left' for a 10x4 G"):
-        lowrank_basis(G, 2, side="left", shards=hooks())
+    with pytest.raises(ValueError, match="previous must have shape \\[..., 6, 2\\] \\(the left "
+                                         "basis of a 10x4 G at rank 2, this block's rows\\)"):
+        lowrank_basis(G, 2, side="left", method="warm", previous=torch.randn(10, 2),
+                      shards=hooks())
     with pytest.raises(ValueError, match="block of 6 rows starting at row 5 does not fit in "
                                          "10 rows"):
         lowrank_basis(G, 2, shards=hooks(start=5))
