@@ -275,7 +275,8 @@ def lowrank_basis(G: Tensor, rank: int, *,
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
     # rows of the basis held here: a left basis of row blocks is blocked like G
-    k_here = G.shape[-2] if (shards is not None and side == "left") else k
+    blocked = shards is not None and side == "left"
+    k_here = G.shape[-2] if blocked else k
     batch = G.shape[:-2]
     if method == "svd" and (isinstance(seed, bool)
                             or not isinstance(seed, (torch.Generator, int, type(None)))):
@@ -285,7 +286,7 @@ def lowrank_basis(G: Tensor, rank: int, *,
     if method == "random":
         assert gen is not None
         P = _gaussian((*batch, k, rank), gen, G.device, torch.float32) / math.sqrt(rank)
-        if k_here != k:  # drawn whole and sliced: the single-process basis' rows
+        if blocked:  # drawn whole and sliced: the single-process basis' rows
             assert shards is not None
             P = P[..., shards.start:shards.start + k_here, :]
         return P.to(out_dtype)
@@ -301,7 +302,7 @@ def lowrank_basis(G: Tensor, rank: int, *,
     if previous is not None:
         previous = check_matrix(previous, "previous")
         if previous.shape[-2:] != (k_here, rank):
-            held = "" if k_here == k else ", this block's rows"
+            held = ", this block's rows" if blocked else ""
             raise ValueError(
                 f"previous must have shape [..., {k_here}, {rank}] (the {side} basis of a "
                 f"{m}x{n} G at rank {rank}{held}), got {tuple(previous.shape)}"
@@ -334,13 +335,15 @@ def lowrank_basis(G: Tensor, rank: int, *,
         Q, R = _range_finder(op, size, n_iter, gen, Q0=Q0)
         P = _rayleigh_ritz(op, Q, R, rank)
 
-    if k_here != k:  # a blocked basis: signs decided over the whole columns
+    # a blocked basis: signs decided over the whole columns, on every block alike (the
+    # decision must not depend on the block's size: all blocks join the reductions)
+    if blocked:
         assert shards is not None
         P = _sign_convention_blocks(P, shards)
     else:
         P, _ = _sign_convention(P)
     if align and previous is not None:
-        P = _align_signs(P, previous, None if k_here == k else shards.reduce_sum)  # type: ignore[union-attr]
+        P = _align_signs(P, previous, shards.reduce_sum if blocked else None)  # type: ignore[union-attr]
     return P.to(out_dtype)
 
 

@@ -123,6 +123,24 @@ def basis_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     return G * scale, prev, opts
 
 
+LEFT_CASES = [  # (b, rows, n, rank, method, warm, options): left bases held as row shards
+    (1, 9, 24, 3, "rsvd", False, ()), (2, 13, 30, 3, "warm", True, ()),
+    (1, 13, 24, 3, "svd", False, ()), (1, 1, 7, 1, "warm", True, ()),  # an empty shard
+    (1, 12, 30, 3, "warm", True, (("n_iter", 2), ("scale", 1e30)))]
+
+
+def left_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    from matrixopt.linalg.projectors import lowrank_basis
+    b, rows, n, rank, _, warm, options = case
+    opts = dict(options)
+    scale = opts.pop("scale", 1.0)
+    g = torch.Generator().manual_seed(rows * n + 1)
+    G = torch.diag(torch.linspace(3, 0.1, rows)) @ torch.randn(b, rows, n, generator=g)
+    prev = (lowrank_basis(G + 0.3 * torch.randn(b, rows, n, generator=g), rank, method="svd",
+                          side="left") if warm else None)
+    return G * scale, prev, opts
+
+
 @contextlib.contextmanager
 def _spy_range_finder(calls: list) -> Iterator[None]:
     """Record what the sharded refresh runs: linalg's ``lowrank_basis`` (the function object
@@ -167,7 +185,13 @@ def _job(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from matrixopt.optim._distributed import resolve_context, shard_rows, sharded_right_basis
+    from matrixopt.linalg.projectors import lowrank_basis
+    from matrixopt.optim._distributed import (
+        resolve_context,
+        row_shards,
+        shard_rows,
+        sharded_right_basis,
+    )
 
     res: dict[str, object] = {}
     with _no_whole_gather(True):
@@ -186,6 +210,17 @@ def _job(rank: int, world: int, out: Path) -> None:
             res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
                                                      previous=prev, seed=7, dtype=None, **opts)
         res["basis_calls", case] = calls
+    for case in LEFT_CASES:
+        b, rows, n, r, method, warm, _ = case
+        G, prev, opts = left_inputs(case)
+        chunk, counts = shard_rows(rows, world)
+        mine = slice(rank * chunk, rank * chunk + counts[rank])
+        P = lowrank_basis(
+            G[:, mine], r, method=method, side="left", seed=7, shards=row_shards(ctx, rows),
+            previous=None if prev is None else prev[:, mine], **opts)
+        parts: list = [None] * world
+        dist.all_gather_object(parts, P)
+        res["left", case] = torch.cat(parts, dim=1)  # every rank's rows, in order
     # configurations that still take the whole-matrix fallback
     for name in FALLBACK:
         model = make_model()
@@ -278,6 +313,22 @@ def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
     assert torch.isfinite(want).all()
     got = res["basis", case]
     assert got.shape == (b, n, r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", LEFT_CASES, ids=str)
+def test_sharded_left_basis_equals_lowrank_basis(results: tuple[dict, Path], case: tuple) -> None:
+    """lowrank_basis on row shards with the FSDP2 hooks (row_shards) gives each rank its
+    rows of the single-process left basis (signs decided over the whole columns; the
+    1-row case has a whole shard and an empty one, which must issue the same collectives)."""
+    from matrixopt.linalg.projectors import lowrank_basis
+    res, _ = results
+    b, rows, n, r, method, warm, _ = case
+    G, prev, opts = left_inputs(case)
+    want = lowrank_basis(G, r, method=method, side="left", previous=prev, seed=7, **opts)
+    assert torch.isfinite(want).all()
+    got = res["left", case]
+    assert got.shape == (b, rows, r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

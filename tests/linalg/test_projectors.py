@@ -277,7 +277,7 @@ class ThreadComm:
     def __init__(self, world: int) -> None:
         self.world = world
         self.slots: list[torch.Tensor | None] = [None] * world
-        self.barrier = threading.Barrier(world, timeout=60)
+        self.barrier = threading.Barrier(world, timeout=20)  # a collective mismatch fails
         self.calls: dict[str, int] = {"reduce_sum": 0, "reduce_max": 0, "qr": 0}
 
     def all_gather(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:
@@ -358,6 +358,7 @@ ROW_BLOCK_CASES = [  # (shape, rank, counts, method, side, options)
     ((16, 40), 3, [9, 7], "warm", "left", {"n_iter": 2, "align": False, "scale": 1e30}),
     ((13, 24), 3, [7, 6], "svd", "left", {}),
     ((5, 9), 2, [3, 2, 0], "warm", "left", {}),
+    ((5, 9), 2, [5, 0], "warm", "left", {}),  # one block holds every row, the other none
     ((16, 40), 3, [9, 7], "random", "left", {}),
 ]
 
