@@ -36,6 +36,12 @@ Rayleigh–Ritz rotation so columns come ordered by singular value and can be
 sign-aligned with the previous basis. When the basis changes, the Adam moments
 are transported with :func:`basis_overlap` and :func:`transport_moments`
 (LDAdam's projection-aware update) instead of being kept stale.
+
+Distributed refresh: :func:`lowrank_basis` also runs on a gradient held as row
+blocks over workers (FSDP2 ``Shard(0)``) when given :class:`RowShards` hooks (a
+sum and a max over blocks, a tall-skinny QR): the same range finder, whose
+products and orthonormalisations go through the hooks (no communication library
+is imported here; ``matrixopt.optim._distributed.row_shards`` builds them).
 """
 
 from __future__ import annotations

@@ -43,8 +43,12 @@ rank sends to the others, an all-reduce of :math:`S` bytes moves :math:`2(w-1)S/
 
 **Adafactor and GaLoreAdamW under FSDP2** keep their statistics on the local
 shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`):
-see ``Adafactor._sharded_step``, :func:`sharded_right_basis` (the projector
-refresh) and :func:`_tsqr`.
+see ``Adafactor._sharded_step`` and :func:`sharded_right_basis` (the projector
+refresh). The refresh is linalg's own range finder
+(:func:`~matrixopt.linalg.projectors.lowrank_basis` with ``shards=``): this module
+only supplies its hooks, :func:`row_shards` (sums and maxima by ``all_reduce``, the
+QR of a row-sharded matrix by :func:`_tsqr`), so the sharded and single-process
+refreshes are one code path with the same options.
 """
 
 from __future__ import annotations
