@@ -36,12 +36,18 @@ Rayleigh–Ritz rotation so columns come ordered by singular value and can be
 sign-aligned with the previous basis. When the basis changes, the Adam moments
 are transported with :func:`basis_overlap` and :func:`transport_moments`
 (LDAdam's projection-aware update) instead of being kept stale.
+
+Distributed refresh: :func:`lowrank_basis` also runs on a gradient held as row
+blocks over workers (FSDP2 ``Shard(0)``) when given :class:`RowShards` hooks (a
+sum and a max over blocks, a tall-skinny QR): the same range finder, whose
+products and orthonormalisations go through the hooks (no communication library
+is imported here; ``matrixopt.optim._distributed.row_shards`` builds them).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -50,12 +56,17 @@ from torch import Tensor
 from matrixopt.linalg._checks import check_choice, check_dtype, check_matrix, check_positive_int
 from matrixopt.linalg.svd import (
     GeneratorLike,
+    RowShards,
     _check_rank,
+    _check_shards,
     _compute_dtype,
+    _Dense,
     _gaussian,
+    _Operator,
     _prepare,
     _range_finder,
     _resolve_generator,
+    _RowBlocks,
     _sign_convention,
 )
 
@@ -64,6 +75,7 @@ __all__ = [
     "BASIS_METHODS",
     "projection_side",
     "lowrank_basis",
+    "RowShards",
     "project",
     "project_back",
     "basis_overlap",
@@ -112,25 +124,55 @@ def projection_side(shape: Sequence[int] | torch.Size,
     return "left" if proj_type == "left" else "right"
 
 
-def _align_signs(P: Tensor, previous: Tensor) -> Tensor:
-    """Flip each column of ``P`` whose dot product with ``previous``'s column is negative."""
+def _align_signs(P: Tensor, previous: Tensor,
+                 reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Flip each column of ``P`` whose dot product with ``previous``'s column is negative
+    (``reduce_sum``: sums the dot products over row blocks)."""
     r = min(P.shape[-1], previous.shape[-1])
     dots = (P[..., :r] * previous[..., :r].to(P.dtype)).sum(dim=-2, keepdim=True)
+    if reduce_sum is not None:
+        dots = reduce_sum(dots.contiguous())
     flip = torch.where(dots < 0, -torch.ones_like(dots), torch.ones_like(dots))
     if r < P.shape[-1]:
         flip = torch.cat([flip, flip.new_ones((*flip.shape[:-1], P.shape[-1] - r))], dim=-1)
     return P * flip
 
 
-def _rayleigh_ritz(X: Tensor, Q: Tensor, R: Tensor | None, rank: int) -> Tensor:
-    """Rotate the orthonormal ``Q`` to approximate singular vectors and keep ``rank`` of them.
+def _sign_convention_blocks(P: Tensor, shards: RowShards) -> Tensor:
+    """:func:`~matrixopt.linalg.svd._sign_convention` for ``P`` held as row blocks: the
+    largest-magnitude entry of each whole column positive, ties to the first row as
+    ``argmax`` breaks them. Three reductions of ``[..., 1, r]`` over the blocks (the max,
+    the first row holding it, its sign); no host read."""
+    cols = (*P.shape[:-2], 1, P.shape[-1])
+    if P.shape[-2] == 0:  # an empty block takes part in the reductions only
+        local = idx = P.new_zeros(cols)
+        found = torch.zeros(cols, dtype=torch.bool, device=P.device)
+        gmax = shards.reduce_max(local.clone())
+    else:
+        A = P.abs()
+        local = A.amax(dim=-2, keepdim=True)
+        gmax = shards.reduce_max(local.clone())
+        hit = A == gmax
+        idx = hit.to(torch.uint8).argmax(dim=-2, keepdim=True)  # first local row at the max
+        found = hit.any(dim=-2, keepdim=True)
+    # -(first global row) under a max-reduction gives the first row over all blocks
+    row = idx.to(P.dtype) + shards.start
+    first = -shards.reduce_max(torch.where(found, -row, P.new_full((), -float(shards.rows))))
+    val = torch.gather(P, -2, idx.long()) if P.shape[-2] else local
+    mine = found & (row == first)
+    s = shards.reduce_sum(torch.where(mine, torch.sign(val), torch.zeros_like(val)))
+    return P * torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _rayleigh_ritz(op: _Operator, Q: Tensor, R: Tensor | None, rank: int) -> Tensor:
+    r"""Rotate the orthonormal ``Q`` to approximate singular vectors and keep ``rank`` of them.
 
     With ``R = Qᵀ X Z`` from the last half-iteration the SVD of the small
-    ``R`` is free; otherwise (no iteration) use ``B = Qᵀ X`` (one more product).
+    ``R`` is free; otherwise (no iteration) use the left singular vectors of
+    ``B = Qᵀ X``, i.e. the right ones of :math:`X^\top Q` (one more product).
     """
-    if R is None:
-        R = Q.mT @ X
-    Ur = torch.linalg.svd(R, full_matrices=False).U
+    Ur = (torch.linalg.svd(R, full_matrices=False).U if R is not None
+          else op.row_space(op.rmatmul(Q)))
     return Q @ Ur[..., :rank]
 
 
@@ -139,7 +181,8 @@ def lowrank_basis(G: Tensor, rank: int, *,
                   side: Side | None = None, previous: Tensor | None = None,
                   n_iter: int | None = None, oversample: int | None = None,
                   seed: GeneratorLike = None, align: bool = True,
-                  dtype: torch.dtype | None = None, check_finite: bool = True) -> Tensor:
+                  dtype: torch.dtype | None = None, check_finite: bool = True,
+                  shards: RowShards | None = None) -> Tensor:
     r"""Rank-``rank`` basis of ``G``'s dominant singular subspace on one side.
 
     Let :math:`X = G` for ``side="left"`` and :math:`X = G^\top` for ``"right"``
@@ -206,6 +249,20 @@ def lowrank_basis(G: Tensor, rank: int, *,
             only to ~1e-2). Computation is in at least float32.
         check_finite: raise ``ValueError`` if ``G`` holds NaN/Inf (``"random"``
             does not read ``G`` and skips it).
+        shards: ``None`` (``G`` is the whole matrix) or :class:`RowShards`: ``G``
+            is this worker's block of rows ``[..., m_loc, n]`` of a ``[..., rows, n]``
+            matrix and every worker calls with its block and the same other
+            arguments. The same algorithm runs with its products, QRs and
+            reductions through the hooks: :math:`X Z` with a row-blocked factor
+            becomes a local GEMM plus ``reduce_sum`` of a small ``n × s`` matrix, the
+            QR of a row-blocked ``rows × s`` matrix is ``shards.qr`` (TSQR), the
+            sketch of the blocked side is drawn whole and sliced (so it is the
+            single-process sketch), and the rescaling uses ``reduce_max``. Result:
+            the single-process basis of the whole matrix, replicated, up to
+            rounding: a right basis (``n × rank``) replicated on every worker, a
+            left one as this worker's rows ``[..., m_loc, rank]`` (``previous``
+            likewise; column signs are fixed over the whole columns with three
+            ``[..., 1, rank]`` reductions). ``method="random"`` reads nothing.
 
     Returns:
         ``[..., k, rank]`` basis (orthonormal columns except for ``"random"``).
@@ -213,6 +270,9 @@ def lowrank_basis(G: Tensor, rank: int, *,
     G = check_matrix(G, "G")
     check_choice(method, "method", BASIS_METHODS)
     m, n = G.shape[-2:]
+    if shards is not None:
+        shards = _check_shards(shards, m)
+        m = shards.rows  # the whole matrix's shape decides rank bounds, side and sizes
     _check_rank(rank, m, n)
     if side is None:
         side = "right" if m >= n else "left"
@@ -220,6 +280,9 @@ def lowrank_basis(G: Tensor, rank: int, *,
         check_choice(side, "side", ("left", "right"))
     out_dtype = check_dtype(dtype) or G.dtype
     k = m if side == "left" else n
+    # rows of the basis held here: a left basis of row blocks is blocked like G
+    blocked = shards is not None and side == "left"
+    k_here = G.shape[-2] if blocked else k
     batch = G.shape[:-2]
     if method == "svd" and (isinstance(seed, bool)
                             or not isinstance(seed, (torch.Generator, int, type(None)))):
@@ -228,8 +291,11 @@ def lowrank_basis(G: Tensor, rank: int, *,
 
     if method == "random":
         assert gen is not None
-        return (_gaussian((*batch, k, rank), gen, G.device, torch.float32)
-                / math.sqrt(rank)).to(out_dtype)
+        P = _gaussian((*batch, k, rank), gen, G.device, torch.float32) / math.sqrt(rank)
+        if blocked:  # drawn whole and sliced: the single-process basis' rows
+            assert shards is not None
+            P = P[..., shards.start:shards.start + k_here, :]
+        return P.to(out_dtype)
 
     if method == "warm" and previous is None:
         method = "rsvd"  # nothing to warm-start from: the cold randomized SVD
@@ -241,21 +307,24 @@ def lowrank_basis(G: Tensor, rank: int, *,
     assert n_iter is not None and oversample is not None
     if previous is not None:
         previous = check_matrix(previous, "previous")
-        if previous.shape[-2:] != (k, rank):
+        if previous.shape[-2:] != (k_here, rank):
+            held = ", this block's rows" if blocked else ""
             raise ValueError(
-                f"previous must have shape [..., {k}, {rank}] (the {side} basis of a "
-                f"{m}x{n} G at rank {rank}), got {tuple(previous.shape)}"
+                f"previous must have shape [..., {k_here}, {rank}] (the {side} basis of a "
+                f"{m}x{n} G at rank {rank}{held}), got {tuple(previous.shape)}"
             )
     cdt = _compute_dtype(G.dtype)
     # the basis is scale-invariant, so the rescaling of 1e±30 inputs is free
-    X, _, _ = _prepare(G, "G", check_finite)
-    if side == "right":
-        X = X.mT
+    X, _, _ = _prepare(G, "G", check_finite, None if shards is None else shards.reduce_max)
+    # the operator of X (k×l; X = G or Gᵀ): products, QRs and sketches, of the
+    # whole matrix or through the hooks of its row blocks -- one algorithm below
+    op: _Operator = (_Dense(X.mT if side == "right" else X) if shards is None
+                     else _RowBlocks(X, shards, transposed=side == "right"))
     size = min(rank + oversample, m, n)
 
     if method == "svd" or size >= min(m, n):
         # Exact (and cheaper than a sketch spanning the whole range).
-        P = torch.linalg.svd(X, full_matrices=False).U[..., :rank]
+        P = op.left_singular()[..., :rank]
     elif method == "rsvd":
         # Sketch the *other* side, then multiply by X once more: the basis wanted
         # gets 2 + 2·n_iter multiplications instead of 1 + 2·n_iter (a
@@ -263,18 +332,24 @@ def lowrank_basis(G: Tensor, rank: int, *,
         # factor): Z spans X's dominant row space, the top left singular
         # vectors of X Z are the basis.
         assert gen is not None
-        Z, _ = _range_finder(X.mT, size, n_iter, gen)
-        P = torch.linalg.svd(X @ Z, full_matrices=False).U[..., :rank]
+        Z, _ = _range_finder(op.transpose(), size, n_iter, gen)
+        P = op.left_singular_of(op.matmul(Z))[..., :rank]
     else:  # warm
         assert previous is not None
         assert gen is not None
-        Q0 = previous.to(cdt).expand(*batch, k, rank)
-        Q, R = _range_finder(X, size, n_iter, gen, Q0=Q0)
-        P = _rayleigh_ritz(X, Q, R, rank)
+        Q0 = previous.to(cdt).expand(*batch, k_here, rank)
+        Q, R = _range_finder(op, size, n_iter, gen, Q0=Q0)
+        P = _rayleigh_ritz(op, Q, R, rank)
 
-    P, _ = _sign_convention(P)
+    # a blocked basis: signs decided over the whole columns, on every block alike (the
+    # decision must not depend on the block's size: all blocks join the reductions)
+    if blocked:
+        assert shards is not None
+        P = _sign_convention_blocks(P, shards)
+    else:
+        P, _ = _sign_convention(P)
     if align and previous is not None:
-        P = _align_signs(P, previous)
+        P = _align_signs(P, previous, shards.reduce_sum if blocked else None)  # type: ignore[union-attr]
     return P.to(out_dtype)
 
 

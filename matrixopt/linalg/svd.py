@@ -20,7 +20,9 @@ seed for other draws.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +30,7 @@ from torch import Tensor
 from matrixopt.linalg._checks import check_choice, check_matrix, check_positive_int
 from matrixopt.linalg._checks import check_finite as _check_finite
 
-__all__ = ["randomized_svd", "subspace_iteration", "DEFAULT_SEED"]
+__all__ = ["randomized_svd", "subspace_iteration", "RowShards", "DEFAULT_SEED"]
 
 #: Seed of the generator used when ``generator=None``.
 DEFAULT_SEED = 0
@@ -88,7 +90,9 @@ def _orth(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def _prepare(A: Tensor, name: str, check_finite: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _prepare(A: Tensor, name: str, check_finite: bool,
+             reduce_max: Callable[[Tensor], Tensor] | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """Cast ``A`` to the compute dtype, optionally check finiteness, and rescale it.
 
     Returns ``(X, amax, scale)``: ``amax`` is the per-matrix max |a_ij|
@@ -104,13 +108,23 @@ def _prepare(A: Tensor, name: str, check_finite: bool) -> tuple[Tensor, Tensor, 
     GaLore refresh). Cost: two reductions over ``A`` (no temporaries, unlike
     ``A.abs().amax()``) and one elementwise division.
 
+    ``A`` may be one block of a larger matrix (:class:`RowShards`): ``reduce_max``
+    then turns the block's ``amax`` into the whole matrix's (elementwise max over
+    the blocks), so every block is divided by the same power of two.
+
     ``check_finite=True`` adds one host sync (a NaN or Inf shows up as a
     non-finite ``amax``, so the check itself is free); optimizers pass False.
     """
     X = A.to(_compute_dtype(A.dtype))
     if X.numel() == 0:
-        return X, X.new_zeros((*X.shape[:-2], 1, 1)), X.new_ones((*X.shape[:-2], 1, 1))
-    amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True), -X.amin(dim=(-2, -1), keepdim=True))
+        amax = X.new_zeros((*X.shape[:-2], 1, 1))
+        if reduce_max is None:
+            return X, amax, X.new_ones((*X.shape[:-2], 1, 1))
+    else:
+        amax = torch.maximum(X.amax(dim=(-2, -1), keepdim=True),
+                             -X.amin(dim=(-2, -1), keepdim=True))
+    if reduce_max is not None:
+        amax = reduce_max(amax)
     if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError(f"{name} contains NaN or Inf; pass check_finite=False to skip this check")
     ones = torch.ones_like(amax)
@@ -144,38 +158,242 @@ def _check_rank(rank: object, m: int, n: int, name: str = "rank") -> int:
     return rank
 
 
-def _range_finder(A: Tensor, size: int, n_iter: int, generator: torch.Generator,
+@dataclass(frozen=True)
+class RowShards:
+    r"""Hooks for a matrix held as row blocks, one per worker (FSDP2 ``Shard(0)``).
+
+    Each worker passes its own block ``G_loc`` (``[..., m_loc, n]``) of the whole
+    ``G`` (``[..., rows, n]``, rows ``start : start + m_loc``) and the same hooks'
+    semantics; the range finder then runs on every worker in lock step and
+    returns the same result as on the whole ``G``, up to rounding. The products
+    it needs split into local GEMMs and sums over blocks,
+    :math:`G^	op Z = \sum_\ell G_\ell^	op Z_\ell`, and an orthonormalisation of
+    a matrix stacked like ``G`` is a tall-skinny QR (TSQR, Demmel et al. 2012):
+    only ``reduce_sum``, ``reduce_max`` and ``qr`` communicate, so this module
+    needs no communication library (``matrixopt.optim._distributed`` supplies
+    all-reduces and a TSQR over a process group).
+
+    Attributes:
+        rows: number of rows of the whole matrix.
+        start: index of this block's first row (blocks follow each other in order).
+        reduce_sum: elementwise sum of a tensor over all blocks (an all-reduce);
+            gets a fresh contiguous tensor of the same shape on every worker and may
+            reduce it in place; returns the sum.
+        reduce_max: elementwise max over all blocks (used to rescale extreme inputs
+            by one power of two for the whole matrix).
+        qr: reduced QR of a ``[..., rows, s]`` matrix stacked by blocks like ``G``,
+            from this block's rows ``[..., m_loc, s]``: returns (this block's rows of
+            ``Q``, the ``R`` factor replicated on every worker; ``R`` may carry extra
+            zero rows).
+    """
+
+    rows: int
+    start: int
+    reduce_sum: Callable[[Tensor], Tensor]
+    reduce_max: Callable[[Tensor], Tensor]
+    qr: Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _check_shards(shards: object, local_rows: int, name: str = "shards") -> RowShards:
+    if not isinstance(shards, RowShards):
+        raise TypeError(f"{name} must be a RowShards or None, got {type(shards).__name__}")
+    for attr in ("rows", "start"):
+        v = getattr(shards, attr)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}.{attr} must be a non-negative int, got {v!r}")
+    if shards.start + local_rows > shards.rows:
+        raise ValueError(f"{name}: a block of {local_rows} rows starting at row {shards.start} "
+                         f"does not fit in {shards.rows} rows")
+    for attr in ("reduce_sum", "reduce_max", "qr"):
+        if not callable(getattr(shards, attr)):
+            raise TypeError(f"{name}.{attr} must be callable, got {getattr(shards, attr)!r}")
+    return shards
+
+
+def _qr(Y: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.linalg.qr(Y, mode="reduced")  # type: ignore[return-value]
+
+
+class _Operator(Protocol):
+    r"""A batch of ``k × l`` matrices :math:`A` seen only through what the range finder needs.
+
+    ``k``-side tensors (``[..., k, s]``: :math:`AZ`, the basis) and ``l``-side ones
+    (``[..., l, s]``: :math:`A^\top Q`, the sketch :math:`\Omega`) may each be held
+    whole or as row blocks, and ``orth_k``/``orth_l`` orthonormalise them in that
+    layout. :class:`_Dense` holds ``A`` whole (the single-process case);
+    :class:`_RowBlocks` holds a block of rows of ``G`` with :math:`A = G` or
+    :math:`G^\top`.
+    """
+
+    batch: torch.Size
+
+    def matmul(self, Z: Tensor) -> Tensor:
+        """``A Z`` for an ``l``-side ``Z`` (``[..., l, s]``), a ``k``-side ``[..., k, s]``."""
+        ...
+
+    def rmatmul(self, Q: Tensor) -> Tensor:
+        r""":math:`A^\top Q` for a ``k``-side ``Q``, an ``l``-side ``[..., l, s]``."""
+        ...
+
+    def orth_k(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """Reduced QR of a ``k``-side ``Y`` (``Q`` in ``Y``'s layout, ``R`` replicated)."""
+        ...
+
+    def orth_l(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """Reduced QR of an ``l``-side ``Y``."""
+        ...
+
+    def sketch(self, cols: int, generator: torch.Generator) -> Tensor:
+        """Gaussian ``[..., l, cols]`` test matrix, in the ``l``-side layout."""
+        ...
+
+    def transpose(self) -> _Operator:
+        r"""The operator of :math:`A^\top` (``k`` and ``l`` swapped)."""
+        ...
+
+    def left_singular(self) -> Tensor:
+        """All left singular vectors of ``A`` (exact thin SVD), ``[..., k, min(k, l)]``."""
+        ...
+
+    def row_space(self, Y: Tensor) -> Tensor:
+        r"""Right singular vectors of an ``l``-side ``Y`` (``[..., s, s]``, by descending
+        singular value): the left singular vectors of :math:`Y^\top`."""
+        ...
+
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        """Left singular vectors of a ``k``-side ``Y`` (``[..., k, min(k, s)]``, in ``Y``'s
+        layout, by descending singular value)."""
+        ...
+
+
+class _Dense:
+    """``A`` held whole on one worker."""
+
+    def __init__(self, A: Tensor) -> None:
+        self.A = A
+        self.batch = A.shape[:-2]
+
+    def matmul(self, Z: Tensor) -> Tensor:
+        return self.A @ Z
+
+    def rmatmul(self, Q: Tensor) -> Tensor:
+        return self.A.mT @ Q
+
+    def orth_k(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        return _qr(Y)
+
+    def orth_l(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        return _qr(Y)
+
+    def sketch(self, cols: int, generator: torch.Generator) -> Tensor:
+        return _gaussian((*self.batch, self.A.shape[-1], cols), generator, self.A.device,
+                         self.A.dtype)
+
+    def transpose(self) -> _Operator:
+        return _Dense(self.A.mT)
+
+    def left_singular(self) -> Tensor:
+        return torch.linalg.svd(self.A, full_matrices=False).U
+
+    def row_space(self, Y: Tensor) -> Tensor:
+        return torch.linalg.svd(Y.mT, full_matrices=False).U
+
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        return torch.linalg.svd(Y, full_matrices=False).U
+
+
+class _RowBlocks:
+    r"""``A = G`` (``transposed=False``) or :math:`G^\top` (True) for ``G`` held as row
+    blocks (:class:`RowShards`); ``G_loc`` is this worker's block. The side of ``A``
+    that indexes ``G``'s rows is blocked, the other is replicated."""
+
+    def __init__(self, G_loc: Tensor, shards: RowShards, transposed: bool) -> None:
+        self.G, self.shards, self.transposed = G_loc, shards, transposed
+        self.batch = G_loc.shape[:-2]
+
+    def _sum(self, T: Tensor) -> Tensor:
+        return self.shards.reduce_sum(T.contiguous())
+
+    def _qr_blocks(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.shards.qr(Y.contiguous())
+
+    def matmul(self, Z: Tensor) -> Tensor:
+        # Gᵀ Z = Σ_ℓ G_ℓᵀ Z_ℓ (Z blocked, result replicated); G Z is local (result blocked)
+        return self._sum(self.G.mT @ Z) if self.transposed else self.G @ Z
+
+    def rmatmul(self, Q: Tensor) -> Tensor:
+        return self.G @ Q if self.transposed else self._sum(self.G.mT @ Q)
+
+    def orth_k(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        return _qr(Y) if self.transposed else self._qr_blocks(Y)
+
+    def orth_l(self, Y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._qr_blocks(Y) if self.transposed else _qr(Y)
+
+    def sketch(self, cols: int, generator: torch.Generator) -> Tensor:
+        G = self.G
+        if not self.transposed:
+            return _gaussian((*self.batch, G.shape[-1], cols), generator, G.device, G.dtype)
+        # drawn whole from the same generator on every worker and sliced: the
+        # blocks of the single-process sketch
+        whole = _gaussian((*self.batch, self.shards.rows, cols), generator, G.device, G.dtype)
+        return whole[..., self.shards.start:self.shards.start + G.shape[-2], :]
+
+    def transpose(self) -> _Operator:
+        return _RowBlocks(self.G, self.shards, not self.transposed)
+
+    def left_singular(self) -> Tensor:
+        # G = Q R (TSQR): the right singular vectors of G are R's, its left ones Q U_R
+        Q, R = self._qr_blocks(self.G)
+        U, _, Vh = torch.linalg.svd(R, full_matrices=False)
+        return Vh.mT if self.transposed else Q @ U
+
+    def row_space(self, Y: Tensor) -> Tensor:
+        if not self.transposed:
+            return torch.linalg.svd(Y.mT, full_matrices=False).U
+        _, R = self._qr_blocks(Y)
+        return torch.linalg.svd(R, full_matrices=False).Vh.mT
+
+    def left_singular_of(self, Y: Tensor) -> Tensor:
+        if self.transposed:  # the k side (G's columns) is replicated
+            return torch.linalg.svd(Y, full_matrices=False).U
+        Q, R = self._qr_blocks(Y)
+        return Q @ torch.linalg.svd(R, full_matrices=False).U
+
+
+def _range_finder(A: Tensor | _Operator, size: int, n_iter: int, generator: torch.Generator,
                   Q0: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    r"""Orthonormal ``Q`` ([..., m, size]) approximating the dominant column space of ``A``.
+    r"""Orthonormal ``Q`` ([..., k, size]) approximating the dominant column space of ``A``.
 
     Randomized subspace iteration (HMT Algorithm 4.4): :math:`Q = \mathrm{orth}(A\Omega)`,
     then ``n_iter`` times :math:`Z = \mathrm{orth}(A^\top Q)`, :math:`Q = \mathrm{orth}(A Z)`.
-    A warm start ``Q0`` ([..., m, k], k <= size, orthonormal columns) replaces
-    the first ``k`` sketch columns (the rest stay Gaussian sketches :math:`A\Omega`).
+    A warm start ``Q0`` ([..., k, q], q <= size, orthonormal columns, in the
+    ``k``-side layout) replaces the first ``q`` sketch columns (the rest stay
+    Gaussian sketches :math:`A\Omega`).
+
+    ``A`` is a tensor (held whole) or an :class:`_Operator` (products, QRs and
+    sketches through hooks, e.g. row blocks over workers): one code path for both.
 
     Also returns ``R`` from the last QR, :math:`AZ = QR` (so :math:`R = Q^\top A Z`),
     when ``n_iter >= 1``, else ``None``. Its SVD is a free Rayleigh–Ritz step that
     orders the columns of ``Q`` by (approximate) singular value.
     """
-    m, n = A.shape[-2:]
-    batch = A.shape[:-2]
+    op = _Dense(A) if isinstance(A, Tensor) else A
     if Q0 is None:
-        Omega = _gaussian((*batch, n, size), generator, A.device, A.dtype)
-        Q = _orth(A @ Omega)
+        Q, _ = op.orth_k(op.matmul(op.sketch(size, generator)))
     else:
-        k = Q0.shape[-1]
-        Q = Q0.expand(*batch, m, k)
-        if size > k:
-            Omega = _gaussian((*batch, n, size - k), generator, A.device, A.dtype)
-            Q = _orth(torch.cat([Q, A @ Omega], dim=-1))
+        q = Q0.shape[-1]
+        Q = Q0.expand(*op.batch, *Q0.shape[-2:])
+        if size > q:
+            Q, _ = op.orth_k(torch.cat([Q, op.matmul(op.sketch(size - q, generator))], dim=-1))
         elif n_iter == 0:
-            Q = _orth(Q)
+            Q, _ = op.orth_k(Q)
         # else: an orthonormal warm start needs no QR before A^T Q (saves one of
         # the three QRs of a one-iteration refresh)
     R: Tensor | None = None
     for _ in range(n_iter):
-        Z = _orth(A.mT @ Q)
-        Q, R = torch.linalg.qr(A @ Z, mode="reduced")
+        Z, _ = op.orth_l(op.rmatmul(Q))
+        Q, R = op.orth_k(op.matmul(Z))
     return Q, R
 
 

@@ -42,14 +42,20 @@ rank sends to the others, an all-reduce of :math:`S` bytes moves :math:`2(w-1)S/
 (reduce-scatter + all-gather).
 
 **Adafactor and GaLoreAdamW under FSDP2** keep their statistics on the local
-shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`):
-see ``Adafactor._sharded_step``, :func:`sharded_right_basis` (the projector
-refresh) and :func:`_tsqr`.
+shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`, the
+``reduce`` of :class:`~matrixopt.optim._dist.FSDP2Rows`): see
+:mod:`matrixopt.optim.functional.adafactor` and :func:`sharded_right_basis` (the
+projector refresh). The refresh is linalg's own range finder
+(:func:`~matrixopt.linalg.projectors.lowrank_basis` with ``shards=``): this module
+only supplies its hooks, :func:`row_shards` (sums and maxima by ``all_reduce``, the
+QR of a row-sharded matrix by :func:`_tsqr`), so the sharded and single-process
+refreshes are one code path with the same options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -60,12 +66,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..linalg import projectors
+from ..linalg.projectors import RowShards
+
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
-           "sharded_right_basis", "payload_dtype"]
+           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -352,54 +361,6 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
     return out  # type: ignore[return-value]
 
 
-def has_dtensors(opt: torch.optim.Optimizer) -> bool:
-    """Whether any parameter of ``opt`` is a DTensor (FSDP2)."""
-    return any(_is_dtensor(p) for g in opt.param_groups for p in g["params"])
-
-
-@contextlib.contextmanager
-def gathered_params(opt: torch.optim.Optimizer, owner: str) -> Iterator[None]:
-    """Whole-matrix fallback for FSDP2: inside, ``opt`` sees plain whole tensors.
-
-    Every DTensor parameter (validated by :func:`resolve_context`) is replaced in
-    ``opt.param_groups`` by a whole copy (``full_tensor()``, an all-gather) whose
-    ``grad`` is the whole gradient, and its state is moved to that copy. On exit
-    the local rows of the updated copy are written back into the shard and the
-    state moves back. Every rank runs the same deterministic step on the same
-    whole tensors, so the state is *replicated* plain tensors (whole-matrix
-    memory on every rank, not sharded) — correct, including DCP save/load at any
-    world size, but with an all-gather of parameters and gradients per step.
-    Used for what does not run on shards yet: Adafactor with ``state_dtype`` set,
-    GaLoreAdafactor, and GaLoreAdamW with ``residual``, ``state_dtype``,
-    ``proj_dtype``, a left/full ``proj_type`` or batched (3-D) matrix views
-    (see ``_GaLoreBase._sharding``).
-    """
-    resolve_context(owner, [p for g in opt.param_groups for p in g["params"]], None)
-    swaps: list[tuple[dict[str, Any], int, DTensor, Tensor]] = []
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if not _is_dtensor(p):
-                continue
-            whole = p.full_tensor()
-            if p.grad is not None:
-                whole.grad = p.grad.full_tensor()  # type: ignore[attr-defined]  # a DTensor's grad
-            if p in opt.state:
-                opt.state[whole] = opt.state.pop(p)
-            group["params"][i] = whole
-            swaps.append((group, i, p, whole))
-    try:
-        yield
-    finally:
-        for group, i, p, whole in swaps:
-            group["params"][i] = p
-            if whole in opt.state:
-                opt.state[p] = opt.state.pop(whole)
-            whole.grad = None
-            local = p.to_local()
-            chunk, rows = shard_rows(p.shape[0], p.device_mesh.size())
-            start = p.device_mesh.get_local_rank() * chunk
-            local.copy_(whole[start:start + local.shape[0]])
-
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     """Sum ``t`` in place over ``ctx``'s group (recorded by :func:`count_bytes`); returns ``t``."""
@@ -409,7 +370,7 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
 
 
 def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:
-    r"""QR of a row-sharded ``[b, M, s]`` matrix from its local rows ``[b, m_loc, s]``.
+    r"""QR of a row-sharded ``[..., M, s]`` matrix from its local rows ``[..., m_loc, s]``.
 
     TSQR (Demmel et al. 2012, one level): a local Householder QR
     :math:`Y_\ell = Q_\ell R_\ell`, one ``all_reduce`` of the zero-padded stack of
@@ -419,84 +380,58 @@ def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:
     ``R`` (replicated) may carry extra zero rows. Works for empty shards and
     rank-deficient ``Y`` (no Cholesky).
     """
-    b, ml, s = Y.shape
+    s = Y.shape[-1]
     Q1, R1 = torch.linalg.qr(Y, mode="reduced")
     k = R1.shape[-2]
     p = min(chunk, s)
-    buf = Y.new_zeros(b, ctx.world * p, s)
-    buf[:, ctx.rank * p:ctx.rank * p + k] = R1
+    buf = Y.new_zeros(*Y.shape[:-2], ctx.world * p, s)
+    buf[..., ctx.rank * p:ctx.rank * p + k, :] = R1
     all_reduce_sum(buf, ctx)
     Q2, R = torch.linalg.qr(buf, mode="reduced")
-    return Q1 @ Q2[:, ctx.rank * p:ctx.rank * p + k], R
+    return Q1 @ Q2[..., ctx.rank * p:ctx.rank * p + k, :], R
+
+
+def all_reduce_max(t: Tensor, ctx: DistContext) -> Tensor:
+    """Elementwise max of ``t`` in place over ``ctx``'s group (recorded); returns ``t``."""
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    _record("all_reduce", 2 * (ctx.world - 1) * t.numel() * t.element_size() // ctx.world)
+    return t
+
+
+def row_shards(ctx: DistContext, rows: int) -> RowShards:
+    """The :class:`~matrixopt.linalg.projectors.RowShards` hooks of a ``Shard(0)`` tensor of
+    ``rows`` rows on this rank: sums and maxima by ``all_reduce`` over ``ctx``'s group, QR by
+    :func:`_tsqr`. Every tensor reduced is created on the gradient's device by linalg."""
+    chunk, counts = shard_rows(rows, ctx.world)
+    # torch.chunk semantics: the start of an empty trailing shard may pass `rows`
+    start = min(ctx.rank * chunk, rows - counts[ctx.rank])
+    return RowShards(rows=rows, start=start,
+                     reduce_sum=functools.partial(all_reduce_sum, ctx=ctx),
+                     reduce_max=functools.partial(all_reduce_max, ctx=ctx),
+                     qr=functools.partial(_tsqr, ctx=ctx, chunk=chunk))
 
 
 def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, method: str,
                         previous: Tensor | None, seed: int | torch.Generator,
-                        dtype: torch.dtype | None
-                        ) -> Tensor:
+                        dtype: torch.dtype | None, n_iter: int | None = None,
+                        oversample: int | None = None, align: bool = True,
+                        check_finite: bool = False) -> Tensor:
     r""":func:`~matrixopt.linalg.projectors.lowrank_basis` with ``side="right"`` for a
     gradient sharded over its rows (FSDP2 ``Shard(0)``); replicated ``[b, n, rank]`` result.
 
-    ``G`` holds this rank's rows ``[b, m_loc, n]`` of ``[b, rows, n]``. With
-    :math:`A = G^\top` (``n × rows``, columns sharded) every product the range
-    finder needs is either local or a sum over ranks of small matrices:
-    :math:`A Z = \sum_\ell G_\ell^\top Z_\ell` (one ``all_reduce`` of ``n × s``),
-    :math:`\mathrm{orth}(A^\top Q) = \mathrm{orth}(G Q)` by :func:`_tsqr` (an
-    ``all_reduce`` of ``world·s × s``), the Gaussian sketch :math:`\Omega`
-    (``rows × s``) drawn whole from the same seed on every rank and sliced, so
-    it equals the single-process one; QRs of replicated matrices and the
-    Rayleigh–Ritz SVD are local and identical on all ranks. The exact branch
-    (``"svd"``, or a sketch spanning the short side) takes the right singular
-    vectors of the TSQR factor :math:`R` of :math:`G` (``n × n``). Same result
-    as the single-process call up to rounding (QR factors differ only by column
+    ``G`` holds this rank's rows ``[b, m_loc, n]`` of ``[b, rows, n]``. This is
+    linalg's range finder itself, called with this rank's block and the
+    :func:`row_shards` hooks (all-reduces and :func:`_tsqr` over ``ctx``'s group):
+    with :math:`A = G^	op` every product it needs is local or a sum over ranks of
+    an ``n × s`` matrix, the QR of a row-sharded ``rows × s`` matrix is a TSQR (an
+    ``all_reduce`` of ``world·s × s``), the Gaussian sketch of the row side is
+    drawn whole from the same seed on every rank and sliced, and the
+    rescaling of extreme inputs takes one ``all_reduce`` (max) of ``b`` scalars.
+    So every method and option (``n_iter``, ``oversample``, ``align``) behaves as
+    in one process: same result up to rounding (QR factors differ only by column
     signs, which the Rayleigh–Ritz rotation and the sign convention remove).
-    Methods ``"warm"``, ``"rsvd"`` and ``"svd"`` with their default ``n_iter``
-    and ``oversample``; extreme inputs (max |g| outside :math:`2^{\pm 40}`) are not rescaled.
     """
-    from ..linalg.projectors import _DEFAULTS, _align_signs
-    from ..linalg.svd import _compute_dtype, _gaussian, _resolve_generator, _sign_convention
-
-    b, ml, n = G.shape
-    chunk, _ = shard_rows(rows, ctx.world)
-    out_dtype = dtype or G.dtype
-    gen = _resolve_generator(seed, G.device, "seed")
-    if method == "warm" and previous is None:
-        method = "rsvd"
-    n_iter, oversample = _DEFAULTS.get(method, (0, 0))
-    X = G.to(_compute_dtype(G.dtype))
-    start = ctx.rank * chunk
-    size = min(rank + oversample, rows, n)
-
-    def a_times(Z: Tensor) -> Tensor:  # A Z = Gᵀ Z, summed over the row shards
-        return all_reduce_sum((X.mT @ Z).contiguous(), ctx)
-
-    if method == "svd" or size >= min(rows, n):
-        _, R = _tsqr(X, ctx, chunk)
-        P = torch.linalg.svd(R, full_matrices=False).Vh.mT[..., :rank]
-    elif previous is None:
-        # rsvd as lowrank_basis does it: sketch the other side (G's row-sharded
-        # column space), then one more multiplication gives the right basis.
-        Omega = _gaussian((b, n, size), gen, G.device, X.dtype)
-        Qr, _ = _tsqr(X @ Omega, ctx, chunk)
-        for _ in range(n_iter):
-            Zr = torch.linalg.qr(a_times(Qr), mode="reduced").Q
-            Qr, _ = _tsqr(X @ Zr, ctx, chunk)
-        P = torch.linalg.svd(a_times(Qr), full_matrices=False).U[..., :rank]
-    else:
-        k = previous.shape[-1]
-        Q = previous.to(X.dtype).expand(b, n, k)
-        if size > k:
-            Omega = _gaussian((b, rows, size - k), gen, G.device, X.dtype)
-            Q = torch.linalg.qr(torch.cat([Q, a_times(Omega[:, start:start + ml])], dim=-1),
-                                mode="reduced").Q
-        if n_iter < 1:
-            raise ValueError(f"sharded_right_basis: method {method!r} needs n_iter >= 1")
-        R = Q
-        for _ in range(n_iter):
-            Z, _ = _tsqr(X @ Q, ctx, chunk)
-            Q, R = torch.linalg.qr(a_times(Z), mode="reduced")
-        P = Q @ torch.linalg.svd(R, full_matrices=False).U[..., :rank]
-    P, _ = _sign_convention(P)
-    if previous is not None:
-        P = _align_signs(P, previous)
-    return P.to(out_dtype)
+    return projectors.lowrank_basis(
+        G, rank, method=method, side="right", previous=previous,  # type: ignore[arg-type]
+        n_iter=n_iter, oversample=oversample, seed=seed, align=align, dtype=dtype,
+        check_finite=check_finite, shards=row_shards(ctx, rows))

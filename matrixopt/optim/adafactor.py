@@ -208,9 +208,11 @@ class Adafactor(MatrixOptimizer):
     parameters); bf16/fp16 parameters are updated through a float32 copy.
 
     Under FSDP2 (``Shard(0)`` DTensor parameters) the step runs on the local
-    shards and only the sums that span the sharded dim are all-reduced; the
-    state stays sharded DTensors (``_sharded_step``). With ``state_dtype`` set
-    it falls back to whole matrices (:func:`~matrixopt.optim._distributed.gathered_params`).
+    shards and only the sums that span the sharded dim are all-reduced (the
+    strategy's ``reduce`` in :func:`~matrixopt.optim.functional.adafactor_`); the
+    state stays sharded DTensors, a bf16/fp32 ``state_dtype`` momentum included.
+    ``state_dtype="int8"`` with ``beta1`` is rejected there (its 256-entry blocks
+    would straddle the shards).
 
     State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with
@@ -271,7 +273,7 @@ class Adafactor(MatrixOptimizer):
         states = [self.state[p] for p in params]
         local = [strategy.local(p) for p in params]
         flags = self._flags(group, [strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
-        grads = flags.safe([strategy.local(p.grad) for p in params])  # type: ignore[arg-type]
+        grads = [strategy.local(p.grad) for p in params]  # type: ignore[arg-type]  # made safe one by one
         adafactor_states_(local, grads, states, dims, group, flags, strategy.reduce,
                           [p.shape for p in params])
         flags.count_(states, [p.device for p in local])

@@ -97,19 +97,76 @@ def stacks_losses(rank: int = 0, world: int = 1, shard: bool = False) -> list[fl
     return out
 
 
-BASIS_CASES = [  # (b, rows, n, rank, method, warm): uneven rows, shards shorter than the sketch
-    (1, 13, 24, 3, "rsvd", False), (2, 40, 16, 3, "rsvd", False), (1, 40, 16, 3, "warm", True),
-    (1, 13, 24, 3, "svd", False), (2, 9, 5, 2, "warm", True)]
+BASIS_CASES = [  # (b, rows, n, rank, method, warm, options): uneven rows, shards shorter than
+    # the sketch; the single-process options (n_iter, oversample, align) and 1e±30 scales,
+    # which need the rescaling by one power of two for the whole matrix
+    (1, 13, 24, 3, "rsvd", False, ()), (2, 40, 16, 3, "rsvd", False, ()),
+    (1, 40, 16, 3, "warm", True, ()), (1, 13, 24, 3, "svd", False, ()),
+    (2, 9, 5, 2, "warm", True, ()),
+    (1, 40, 16, 3, "rsvd", False, (("n_iter", 0), ("oversample", 2))),
+    (1, 40, 16, 3, "warm", True, (("n_iter", 0), ("oversample", 3))),
+    (2, 40, 16, 3, "warm", True, (("n_iter", 3), ("align", False))),
+    (1, 30, 12, 3, "rsvd", False, (("scale", 1e30),)),
+    (1, 30, 12, 3, "warm", True, (("scale", 1e-30),))]
 
 
-def basis_inputs(b: int, rows: int, n: int, rank: int, warm: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def basis_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """``(G, previous, lowrank_basis options)`` of a BASIS_CASES entry."""
     from matrixopt.linalg.projectors import lowrank_basis
+    b, rows, n, rank, _, warm, options = case
+    opts = dict(options)
+    scale = opts.pop("scale", 1.0)
     g = torch.Generator().manual_seed(rows * n)
     G = torch.randn(b, rows, n, generator=g) @ torch.diag(torch.linspace(3, 0.1, n))
     prev = (lowrank_basis(G + 0.3 * torch.randn(b, rows, n, generator=g), rank, method="svd",
                           side="right") if warm else None)
-    return G, prev
+    return G * scale, prev, opts
+
+
+LEFT_CASES = [  # (b, rows, n, rank, method, warm, options): left bases held as row shards
+    (1, 9, 24, 3, "rsvd", False, ()), (2, 13, 30, 3, "warm", True, ()),
+    (1, 13, 24, 3, "svd", False, ()), (1, 1, 7, 1, "warm", True, ()),  # an empty shard
+    (1, 12, 30, 3, "warm", True, (("n_iter", 2), ("scale", 1e30)))]
+
+
+def left_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    from matrixopt.linalg.projectors import lowrank_basis
+    b, rows, n, rank, _, warm, options = case
+    opts = dict(options)
+    scale = opts.pop("scale", 1.0)
+    g = torch.Generator().manual_seed(rows * n + 1)
+    G = torch.diag(torch.linspace(3, 0.1, rows)) @ torch.randn(b, rows, n, generator=g)
+    prev = (lowrank_basis(G + 0.3 * torch.randn(b, rows, n, generator=g), rank, method="svd",
+                          side="left") if warm else None)
+    return G * scale, prev, opts
+
+
+@contextlib.contextmanager
+def _spy_range_finder(calls: list) -> Iterator[None]:
+    """Record what the sharded refresh runs: linalg's ``lowrank_basis`` (the function object
+    of the single-process refresh, looked up on its module) with which hooks, and every
+    call of the TSQR hook."""
+    from matrixopt.linalg import projectors
+    from matrixopt.optim import _distributed
+
+    real_basis, real_tsqr = projectors.lowrank_basis, _distributed._tsqr
+
+    def basis(*args: object, **kwargs: object) -> torch.Tensor:
+        sh = kwargs.get("shards")
+        calls.append(("lowrank_basis", type(sh).__name__, getattr(sh, "rows", None),
+                      tuple(getattr(getattr(sh, k, None), "func", None).__name__  # type: ignore[union-attr]
+                            for k in ("reduce_sum", "reduce_max", "qr"))))
+        return real_basis(*args, **kwargs)  # type: ignore[arg-type]
+
+    def spied_tsqr(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(("tsqr",))
+        return real_tsqr(*args, **kwargs)  # type: ignore[arg-type]
+
+    projectors.lowrank_basis, _distributed._tsqr = basis, spied_tsqr  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        projectors.lowrank_basis, _distributed._tsqr = real_basis, real_tsqr
 
 
 FALLBACK = ("galore_adafactor", "galore_std")
@@ -128,7 +185,13 @@ def _job(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from matrixopt.optim._distributed import resolve_context, shard_rows, sharded_right_basis
+    from matrixopt.linalg.projectors import lowrank_basis
+    from matrixopt.optim._distributed import (
+        resolve_context,
+        row_shards,
+        shard_rows,
+        sharded_right_basis,
+    )
 
     res: dict[str, object] = {}
     with _no_whole_gather(True):
@@ -138,12 +201,26 @@ def _job(rank: int, world: int, out: Path) -> None:
     ctx = resolve_context("test", list(probe.parameters()), None)
     assert ctx is not None
     for case in BASIS_CASES:
-        b, rows, n, r, method, warm = case
-        G, prev = basis_inputs(b, rows, n, r, warm)
+        b, rows, n, r, method, warm, _ = case
+        G, prev, opts = basis_inputs(case)
         chunk, counts = shard_rows(rows, world)
         local = G[:, rank * chunk:rank * chunk + counts[rank]]
-        res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
-                                                 previous=prev, seed=7, dtype=None)
+        calls: list = []
+        with _spy_range_finder(calls):
+            res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
+                                                     previous=prev, seed=7, dtype=None, **opts)
+        res["basis_calls", case] = calls
+    for case in LEFT_CASES:
+        b, rows, n, r, method, warm, _ = case
+        G, prev, opts = left_inputs(case)
+        chunk, counts = shard_rows(rows, world)
+        mine = slice(rank * chunk, rank * chunk + counts[rank])
+        P = lowrank_basis(
+            G[:, mine], r, method=method, side="left", seed=7, shards=row_shards(ctx, rows),
+            previous=None if prev is None else prev[:, mine], **opts)
+        parts: list = [None] * world
+        dist.all_gather_object(parts, P)
+        res["left", case] = torch.cat(parts, dim=1)  # every rank's rows, in order
     # configurations that still take the whole-matrix fallback
     for name in FALLBACK:
         model = make_model()
@@ -230,12 +307,44 @@ def test_sharded_right_basis_equals_lowrank_basis(results: tuple[dict, Path],
     """The sharded range finder (2 ranks, uneven rows) returns lowrank_basis's right basis."""
     from matrixopt.linalg.projectors import lowrank_basis
     res, _ = results
-    b, rows, n, r, method, warm = case
-    G, prev = basis_inputs(b, rows, n, r, warm)
-    want = lowrank_basis(G, r, method=method, side="right", previous=prev, seed=7)
+    b, rows, n, r, method, warm, _ = case
+    G, prev, opts = basis_inputs(case)
+    want = lowrank_basis(G, r, method=method, side="right", previous=prev, seed=7, **opts)
+    assert torch.isfinite(want).all()
     got = res["basis", case]
     assert got.shape == (b, n, r)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", LEFT_CASES, ids=str)
+def test_sharded_left_basis_equals_lowrank_basis(results: tuple[dict, Path], case: tuple) -> None:
+    """lowrank_basis on row shards with the FSDP2 hooks (row_shards) gives each rank its
+    rows of the single-process left basis (signs decided over the whole columns; the
+    1-row case has a whole shard and an empty one, which must issue the same collectives)."""
+    from matrixopt.linalg.projectors import lowrank_basis
+    res, _ = results
+    b, rows, n, r, method, warm, _ = case
+    G, prev, opts = left_inputs(case)
+    want = lowrank_basis(G, r, method=method, side="left", previous=prev, seed=7, **opts)
+    assert torch.isfinite(want).all()
+    got = res["left", case]
+    assert got.shape == (b, rows, r)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", BASIS_CASES, ids=str)
+def test_sharded_right_basis_runs_linalg_range_finder(results: tuple[dict, Path],
+                                                      case: tuple) -> None:
+    """The sharded refresh is one call of linalg's ``lowrank_basis`` (the single-process
+    function object) with the FSDP2 hooks of ``_distributed`` (all-reduces, TSQR), and the
+    range finder inside it orthonormalises the row-sharded matrices with that TSQR."""
+    res, _ = results
+    calls = res["basis_calls", case]
+    # the qr hook is whatever `_distributed._tsqr` names at call time: here the spy
+    assert calls[0] == ("lowrank_basis", "RowShards", case[1],
+                        ("all_reduce_sum", "all_reduce_max", "spied_tsqr"))
+    assert [c for c in calls if c[0] == "lowrank_basis"] == calls[:1]
+    assert ("tsqr",) in calls[1:]
 
 
 @pytest.mark.parametrize("name", FALLBACK)

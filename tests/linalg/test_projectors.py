@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from matrixopt.linalg._reference import (
 )
 from matrixopt.linalg.projectors import (
     PROJ_TYPES,
+    RowShards,
     basis_overlap,
     lowrank_basis,
     project,
@@ -262,6 +265,184 @@ def test_lowrank_basis_errors():
     B[0, 0] = math.nan
     with pytest.raises(ValueError, match="G contains NaN or Inf"):
         lowrank_basis(B, 2)
+
+
+# ----------------------------------------------------------------- row blocks (hooks)
+
+
+class ThreadComm:
+    """``world`` threads exchanging tensors through shared slots (an all-gather in rank
+    order): a stand-in for a process group, so the hooks run without torch.distributed."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=20)  # a collective mismatch fails
+        self.calls: dict[str, int] = {"reduce_sum": 0, "reduce_max": 0, "qr": 0}
+
+    def all_gather(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        out = [x.clone() for x in self.slots]  # type: ignore[union-attr]
+        self.barrier.wait()  # nobody overwrites a slot before all have read it
+        return out
+
+    def hooks(self, rank: int, rows: int, start: int) -> RowShards:
+        def count(name: str) -> None:
+            if rank == 0:
+                self.calls[name] += 1
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            count("reduce_sum")
+            return torch.stack(self.all_gather(rank, t)).sum(0)
+
+        def reduce_max(t: torch.Tensor) -> torch.Tensor:
+            count("reduce_max")
+            return torch.stack(self.all_gather(rank, t)).amax(0)
+
+        def tsqr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # reference TSQR: gather every block's R, QR of the stack, my block of Q2
+            count("qr")
+            Q1, R1 = torch.linalg.qr(Y)
+            Rs = self.all_gather(rank, R1)
+            Q2, R = torch.linalg.qr(torch.cat(Rs, dim=-2))
+            lo = sum(r.shape[-2] for r in Rs[:rank])
+            return Q1 @ Q2[..., lo:lo + R1.shape[-2], :], R
+
+        return RowShards(rows=rows, start=start, reduce_sum=reduce_sum, reduce_max=reduce_max,
+                         qr=tsqr)
+
+
+def run_row_blocks(G: torch.Tensor, counts: list[int],
+                   call: Callable[[torch.Tensor, RowShards], torch.Tensor]
+                   ) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """``call(block, hooks)`` on one thread per row block of ``G``; results by rank."""
+    comm = ThreadComm(len(counts))
+    out: list[torch.Tensor | None] = [None] * len(counts)
+    errors: list[BaseException] = []
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+
+    def work(r: int) -> None:
+        try:
+            block = G[..., starts[r]:starts[r] + counts[r], :]
+            out[r] = call(block, comm.hooks(r, G.shape[-2], starts[r]))
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the main thread
+            errors.append(e)
+            comm.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(counts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out, comm.calls  # type: ignore[return-value]
+
+
+ROW_BLOCK_CASES = [  # (shape, rank, counts, method, side, options)
+    ((40, 16), 3, [20, 20], "rsvd", "right", {}),
+    ((2, 13, 24), 3, [7, 6], "rsvd", "right", {"n_iter": 0, "oversample": 2}),
+    ((2, 40, 16), 4, [14, 14, 12], "warm", "right", {}),
+    ((40, 16), 3, [21, 19], "warm", "right", {"n_iter": 0, "oversample": 3}),
+    ((40, 16), 3, [21, 19], "warm", "right", {"n_iter": 3, "align": False}),
+    ((13, 24), 3, [7, 6], "svd", "right", {}),
+    ((9, 5), 2, [5, 4, 0], "warm", "right", {}),  # an empty block, sketch spans the short side
+    ((30, 12), 3, [15, 15], "rsvd", "right", {"scale": 1e30}),  # one power of two for all
+    ((30, 12), 3, [15, 15], "warm", "right", {"scale": 1e-30}),
+    # left bases come back as each block's rows (signs fixed over whole columns)
+    ((2, 16, 40), 3, [8, 8], "rsvd", "left", {}),
+    ((16, 40), 3, [9, 7], "rsvd", "left", {"n_iter": 0, "oversample": 2}),
+    ((2, 16, 40), 4, [6, 6, 4], "warm", "left", {}),
+    ((16, 40), 3, [9, 7], "warm", "left", {"n_iter": 0, "oversample": 3}),
+    ((16, 40), 3, [9, 7], "warm", "left", {"n_iter": 2, "align": False, "scale": 1e30}),
+    ((13, 24), 3, [7, 6], "svd", "left", {}),
+    ((5, 9), 2, [3, 2, 0], "warm", "left", {}),
+    ((5, 9), 2, [5, 0], "warm", "left", {}),  # one block holds every row, the other none
+    ((16, 40), 3, [9, 7], "random", "left", {}),
+]
+
+
+@pytest.mark.parametrize("case", ROW_BLOCK_CASES, ids=str)
+def test_lowrank_basis_on_row_blocks_equals_whole(case):
+    """``shards=`` runs the same range finder on row blocks, through the hooks only: every
+    block gets the basis of the whole matrix (the single-process call), for every method,
+    n_iter, oversample, align and extreme scales (which overflow float32 unless the
+    whole matrix is rescaled by the same power of two)."""
+    shape, r, counts, method, side, opts = case
+    opts = dict(opts)
+    scale = opts.pop("scale", 1.0)
+    g = torch.Generator().manual_seed(sum(shape))
+    *batch, m, n = shape
+    G = torch.randn(*shape, generator=g) @ torch.diag(torch.linspace(3, 0.1, n))
+    if m < n:
+        G = torch.diag(torch.linspace(3, 0.1, m)) @ G
+    prev = (lowrank_basis(G + 0.3 * torch.randn(*shape, generator=g), r, method="svd",
+                          side=side) if method == "warm" else None)
+    G = G * scale
+    want = lowrank_basis(G, r, method=method, side=side, previous=prev, seed=7, **opts)
+    assert torch.isfinite(want).all()
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+
+    def call(B: torch.Tensor, h: RowShards) -> torch.Tensor:
+        p = prev
+        if p is not None and side == "left":  # a left basis is held as row blocks
+            p = p[..., h.start:h.start + B.shape[-2], :]
+        return lowrank_basis(B, r, method=method, side=side, previous=p, seed=7, shards=h,
+                             **opts)
+
+    got, calls = run_row_blocks(G, counts, call)
+    for P, start, c in zip(got, starts, counts):
+        rows = slice(None) if side == "right" else slice(start, start + c)
+        assert P.shape == (*batch, n if side == "right" else c, r)
+        torch.testing.assert_close(P, want[..., rows, :], rtol=1e-4, atol=1e-4)
+    if method == "random":
+        assert calls == {"reduce_sum": 0, "reduce_max": 0, "qr": 0}
+        return
+    # the hooks carried the computation: a max for the scale, sums for the products
+    # with the blocked side, QRs of blocked matrices
+    assert calls["reduce_max"] == (1 if side == "right" else 3)  # + 2 for the signs
+    assert calls["qr"] >= 1
+    assert calls["reduce_sum"] >= (1 if method != "svd" else 0)
+
+
+def test_lowrank_basis_row_blocks_unbiased_by_block_layout():
+    """The same matrix split 1, 2 or 3 ways gives the same basis (the Gaussian sketch of
+    the blocked side is drawn whole and sliced, not per block)."""
+    G = torch.randn(2, 24, 10, generator=torch.Generator().manual_seed(3))
+    ref = None
+    for counts in ([24], [12, 12], [9, 9, 6]):
+        got, _ = run_row_blocks(G, counts, lambda B, h: lowrank_basis(
+            B, 3, method="rsvd", side="right", seed=1, shards=h))
+        ref = got[0] if ref is None else ref
+        for P in got:
+            torch.testing.assert_close(P, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_basis_row_blocks_errors():
+    G = torch.randn(6, 4)
+
+    def hooks(rows: int = 10, start: int = 0) -> RowShards:
+        return RowShards(rows=rows, start=start, reduce_sum=lambda t: t,
+                         reduce_max=lambda t: t, qr=lambda Y: torch.linalg.qr(Y))
+
+    with pytest.raises(ValueError, match="previous must have shape \\[..., 6, 2\\] \\(the left "
+                                         "basis of a 10x4 G at rank 2, this block's rows\\)"):
+        lowrank_basis(G, 2, side="left", method="warm", previous=torch.randn(10, 2),
+                      shards=hooks())
+    with pytest.raises(ValueError, match="block of 6 rows starting at row 5 does not fit in "
+                                         "10 rows"):
+        lowrank_basis(G, 2, shards=hooks(start=5))
+    with pytest.raises(ValueError, match="shards.rows must be a non-negative int, got -1"):
+        lowrank_basis(G, 2, shards=hooks(rows=-1))
+    with pytest.raises(TypeError, match="shards must be a RowShards or None, got dict"):
+        lowrank_basis(G, 2, shards={"rows": 10})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="shards.qr must be callable"):
+        lowrank_basis(G, 2, shards=RowShards(10, 0, lambda t: t, lambda t: t,
+                                             None))  # type: ignore[arg-type]
+    # rank bounds come from the whole matrix: 5 > min(6, 4) but <= min(10, ...) is not
+    with pytest.raises(ValueError, match="rank must be <= min\\(m, n\\) = 4.*got 5"):
+        lowrank_basis(G, 5, shards=hooks())
 
 
 # ----------------------------------------------------------------- moment transport

@@ -188,7 +188,8 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
     """One Adafactor step in place, one tensor at a time (peak: about two gradients).
 
     Args:
-        params, grads: local parameters and (safe) gradients; a half-precision
+        params, grads: local parameters and gradients (a skipped one may hold NaN:
+            it is replaced by zeros here, one tensor at a time); a half-precision
             parameter is updated through a float32 copy.
         rows, cols / sqs: factored statistics (``dims[i]`` set) or the full second
             moment, updated in place; ``momenta``: the momentum buffers (``beta1``
@@ -201,6 +202,7 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
         shape = tuple(full_shapes[i]) if full_shapes is not None else tuple(p.shape)
         numel = max(1, math.prod(shape))
         one = flags.subset([i])
+        g = one.safe([g])[0]  # one safe copy alive at a time (none with the policy off)
         wp = p.float() if p.dtype in _LOW else p
         sd = stat_dtype(p.dtype)
         wsq = wp.to(sd).square().sum().reshape(1) if scale_parameter else None

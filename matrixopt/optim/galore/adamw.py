@@ -43,7 +43,7 @@ class GaLoreAdamW(GaLoreBase):
 
     Groups without ``rank`` (``None``) and parameters with fewer than 2 dims are
     plain AdamW (the same code as :class:`torch.optim.AdamW`'s update,
-    :func:`~matrixopt.optim._adamw.adamw_step_`). See the module docstring for
+    :func:`~matrixopt.optim.functional.adamw_`). See the module docstring for
     the algorithm and what differs from galore-torch.
 
     Args:
