@@ -184,13 +184,12 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         grads = [strategy.local(p.grad) for p in plain]  # type: ignore[arg-type]
         grads += [it.G for it in its]
         flags = self._flags(group, grads)
-        safe = flags.safe(grads)
         k = len(plain)
         if plain:
-            self._plain_step(group, plain, [strategy.local(p) for p in plain], safe[:k],
-                             flags.subset(range(k)))
-        for it, g in zip(its, safe[k:]):
-            it.G = g
+            self._plain_step(group, plain, [strategy.local(p) for p in plain],
+                             flags.subset(range(k)).safe(grads[:k]), flags.subset(range(k)))
+        # projected matrices: gradients made safe one matrix at a time (and per refresh
+        # bucket), so at most one matrix's safe copy is alive
         if its:
             self._projected_step(group, its, flags.subset(range(k, len(grads))))
         for it in its:
@@ -286,10 +285,11 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         if refresh:
             self._refresh(group, refresh, flags.subset([it.index for it in refresh]))
         pd = group["proj_dtype"]
-        # one matrix at a time: only one matrix's projected gradient, direction and
-        # temporaries are alive at once
+        # one matrix at a time: only one matrix's safe gradient, projected gradient,
+        # direction and temporaries are alive at once
         for it in items:
             one = flags.subset([it.index])
+            it.G = one.safe([it.G])[0]
             if not it.bases:
                 it.bases = self._load_bases(group, it)
             R = project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
@@ -307,7 +307,8 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
                           gamma=group["norm_growth_limit"],
                           residual_norm=it.state.get("residual_norm"),
                           basis=it.bases[0] if fused else None, flags=one)
-            it.bases, it.proj = [], None
+            # release this matrix's safe gradient copy before the next matrix
+            it.bases, it.proj, it.G = [], None, it.G.new_empty(0)
 
     # ---------------------------------------------------------------- products
     @staticmethod

@@ -22,7 +22,7 @@ class Item:
     key: Tensor        # the parameter (state key)
     p: Tensor
     state: dict[str, Any]
-    G: Tensor          # [b, m, n] safe gradient (set after the flags), never written
+    G: Tensor          # [b, m, n] gradient (made safe per matrix in the step), never written
     b: int
     m: int
     n: int

@@ -174,7 +174,7 @@ class GaLoreRefresh(abc.ABC):
                            if int(it.state["iteration"]) > 1 else None)
             else:
                 old.append(self._load_bases(group, it) if "projector" in it.state else None)
-        new = self._new_bases(group, items, old)
+        new = self._new_bases(group, items, old, flags)
         for i, (it, o, nb) in enumerate(zip(items, old, new)):
             one = flags.subset([i])
             if o is not None and one.active:  # a skipped matrix keeps its basis
@@ -200,7 +200,7 @@ class GaLoreRefresh(abc.ABC):
                                       one)
 
     def _new_bases(self, group: dict[str, Any], items: list[Item],
-                   old: list[list[Tensor] | None]) -> list[list[Tensor]]:
+                   old: list[list[Tensor] | None], flags: StepFlags) -> list[list[Tensor]]:
         method = group["projector"]
         new: list[list[Tensor]] = [[] for _ in items]
         if method == "random":
@@ -212,7 +212,9 @@ class GaLoreRefresh(abc.ABC):
             buckets.setdefault(key, []).append(i)
         for (rows, _m, _n, _s, rank, _d, _dev, warm, sharded), idx in buckets.items():
             first = items[idx[0]]
-            G = torch.cat([items[i].G for i in idx], dim=0) if len(idx) > 1 else first.G
+            # a skipped matrix's gradient is zeros here: nothing NaN enters a batch
+            safe = [flags.subset([i]).safe([items[i].G])[0] for i in idx]
+            G = torch.cat(safe, dim=0) if len(idx) > 1 else safe[0]
             seed = (int(first.state["seed"]) * _SEED_STRIDE
                     + int(first.state["iteration"])) % (2 ** 62)
             for k, side in enumerate(self._sides(first)):
