@@ -186,6 +186,16 @@ def method_torch(params: Params) -> Params:
                             for i in range(G.shape[0])]) for s, G in params.items()}
 
 
+def method_torch_float(params: Params) -> Params:
+    """torch's iteration plus the cast back to the input dtype (fp32), which
+    ``orthogonalize``'s contract (output dtype = input dtype) includes and torch's
+    private function (returns bf16) does not: the same output, side by side."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return {s: torch.stack([_zeropower_via_newtonschulz(G[i], KELLER, 5, 1e-7).to(G.dtype)
+                            for i in range(G.shape[0])]) for s, G in params.items()}
+
+
 def method_heavyball(params: Params) -> Params:
     import heavyball.utils as hu
 
@@ -247,6 +257,8 @@ def method_gflop(label: str, layers: int) -> float:
 
 def all_methods(per_call: bool = False) -> dict[str, Callable[[Params], Params]]:
     methods: dict[str, Callable[[Params], Params]] = {"torch.optim.Muon (per matrix)": method_torch}
+    if per_call:
+        methods["torch.optim.Muon + cast to input dtype (per matrix)"] = method_torch_float
     for label, kw in PER_MATRIX.items():
         methods[label] = method_matrixopt_per_matrix(kw)
     if per_call:
