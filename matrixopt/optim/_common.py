@@ -76,7 +76,14 @@ def _is_number(x: object) -> bool:
 
 
 def _as_float(x: object) -> float:
+    """A hyperparameter as a number (a tensor ``lr`` is read once per group and step,
+    as torch's non-capturable optimizers do)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
+
+
+def optional_float(x: object) -> float | None:
+    """:func:`_as_float`, ``None`` kept."""
+    return None if x is None else _as_float(x)
 
 
 class _GroupChecker:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad
+from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, optional_float
 from ._distributed import local_tensor
 from ._nonfinite import StepFlags
 from ._state import (
@@ -130,12 +130,6 @@ def init_group_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | N
     under FSDP2 (``sharded``), else plain tensors (shared with GaLoreAdafactor)."""
     init = _init_sharded_state if sharded else init_adafactor_state
     init(state, p, dims, group["beta1"], group["momentum_dtype"], group["state_dtype"])
-
-
-def _float(x: float | Tensor | None) -> float | None:
-    if x is None:
-        return None
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 # ----------------------------------------------------------------------------
@@ -301,9 +295,9 @@ def group_step_sizes(steps: list[Tensor], group: dict[str, Any]) -> tuple[list[A
     """:func:`~matrixopt.optim.functional.adafactor.step_sizes` with a group's settings
     (advances the CPU counters); the relative step reads ``lr`` unless the group says
     not to (``lr=None``, Hugging Face's rule, ``external_lr=False``)."""
-    lr = _float(group["lr"]) if group["external_lr"] or not group["relative_step"] else None
+    lr = optional_float(group["lr"]) if group["external_lr"] or not group["relative_step"] else None
     return step_sizes(steps, lr=lr, decay_rate=float(group["decay_rate"]),
-                      beta2_cap=_float(group["beta2_cap"]),
+                      beta2_cap=optional_float(group["beta2_cap"]),
                       relative_step=group["relative_step"], warmup_init=group["warmup_init"])
 
 
@@ -333,7 +327,7 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
 
     adafactor_(params, grads, get("exp_avg_sq_row"), get("exp_avg_sq_col"), get("exp_avg_sq"),
                moms, dims, beta2s=beta2s, rhos=rhos, eps1=float(group["eps"][0]),
-               eps2=float(group["eps"][1]), clip_threshold=_float(group["clip_threshold"]),
+               eps2=float(group["eps"][1]), clip_threshold=optional_float(group["clip_threshold"]),
                weight_decay=float(group["weight_decay"]),
                beta1=None if beta1 is None else float(beta1),
                scale_parameter=group["scale_parameter"], full_shapes=full_shapes, reduce=reduce,

@@ -37,6 +37,7 @@ from ._adamw import adamw_states_, init_adam_state
 from ._common import (
     GroupError,
     MatrixOptimizer,
+    _as_float,
     _GroupChecker,
     check_grad,
     external_stacklevel,
@@ -81,10 +82,6 @@ def _col_unblocks(x: Tensor, view: tuple[int, int, int], k: int) -> Tensor:
     """Inverse of :func:`_col_blocks`, as ``[b, m, n]``."""
     b, m, n = view
     return x.reshape(b, k, m, n // k).transpose(1, 2).reshape(b, m, n)
-
-
-def _float(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 class Muon(MatrixOptimizer):
@@ -329,7 +326,7 @@ class Muon(MatrixOptimizer):
         flags = self._flags(group, [st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
         grads = flags.safe([st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
         k = len(muon_p)
-        lr, wd = _float(group["lr"]), float(group["weight_decay"])
+        lr, wd = _as_float(group["lr"]), float(group["weight_decay"])
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
             adamw_states_(local_p[k:], grads[k:], [self.state[p] for p in adam_p],

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._common import _GroupChecker
+from .._common import _GroupChecker, optional_float
 from .._nonfinite import StepFlags
 from .._state import load_moment, step_moment, store_moment, zero_moment
 from ..adafactor import (
-    _float,
     adafactor_defaults,
     adafactor_states_,
     check_adafactor_group,
@@ -147,7 +146,7 @@ class GaLoreAdafactor(GaLoreBase):
         u, _ = precondition_(R, w("exp_avg_sq_row"), w("exp_avg_sq_col"), w("exp_avg_sq"),
                              (1, 2) if factored else None, beta2=beta2,
                              eps1=float(group["eps"][0]), flags=flags)
-        clip = clip_coef(u, _float(group["clip_threshold"]), u.numel())
+        clip = clip_coef(u, optional_float(group["clip_threshold"]), u.numel())
         alpha: Any = rho
         if group["scale_parameter"]:  # the RMS of the *full* parameter
             p = item.p.float() if item.p.dtype in _HALF else item.p

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...linalg.projectors import transport_moments
 from .._adamw import adamw_states_, init_adam_state
-from .._common import _GroupChecker
+from .._common import _as_float, _GroupChecker
 from .._nonfinite import StepFlags
 from .._state import compute_dtype, load_moment, store_moment, zero_moment
 from ..functional.adam import adam_direction, adam_moments_
@@ -25,10 +25,6 @@ from ._item import Item
 __all__ = ["GaLoreAdamW"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _float(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 class GaLoreAdamW(GaLoreBase):
@@ -130,7 +126,7 @@ class GaLoreAdamW(GaLoreBase):
 
     def _adam_kw(self, group: dict[str, Any]) -> dict[str, float]:
         beta1, beta2 = (float(b) for b in group["betas"])
-        return dict(lr=_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+        return dict(lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]))
 
     def _plain_step(self, group: dict[str, Any], keys: list[Tensor], params: list[Tensor],
