@@ -7,10 +7,7 @@ the baseline of the kernel parity tests, and the baseline of
 
 All functions are batched over leading dimensions and return the dtype of
 their first input; products accumulate in at least float32 (torch's matmul does
-for bf16/fp16 inputs). Beyond the launchers' signatures they take an optional
-``out`` (a contiguous tensor of the result's shape and dtype, aliasing no
-input), which :func:`matrixopt.linalg.orthogonalize` uses to reuse its buffers
-across steps instead of allocating (and, on CPU, page-faulting) fresh ones.
+for bf16/fp16 inputs).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from torch import Tensor
 __all__ = ["gram", "sym_poly", "poly_step"]
 
 
-def gram(X: Tensor, *, transpose: bool = False, out: Tensor | None = None) -> Tensor:
+def gram(X: Tensor, *, transpose: bool = False) -> Tensor:
     r"""Symmetric Gram product.
 
     Returns :math:`X X^\top` (shape ``[..., m, m]``) or, with ``transpose=True``,
@@ -37,24 +34,21 @@ def gram(X: Tensor, *, transpose: bool = False, out: Tensor | None = None) -> Te
     """
     batch = X.shape[:-2]
     X3 = X.reshape(math.prod(batch), *X.shape[-2:])  # not -1: empty matrices
-    o3 = None if out is None else out.view(X3.shape[0], *out.shape[-2:])
-    res = torch.bmm(X3.mT, X3, out=o3) if transpose else torch.bmm(X3, X3.mT, out=o3)
-    return res.reshape(*batch, *res.shape[-2:])
+    out = torch.bmm(X3.mT, X3) if transpose else torch.bmm(X3, X3.mT)
+    return out.reshape(*batch, *out.shape[-2:])
 
 
-def sym_poly(A: Tensor, b: float, c: float, *, out: Tensor | None = None) -> Tensor:
+def sym_poly(A: Tensor, b: float, c: float) -> Tensor:
     r"""Quadratic polynomial of a symmetric matrix: :math:`b A + c A^2`.
 
     ``A`` has shape ``[..., k, k]`` and must be symmetric (``A @ A`` is then
     symmetric too, which a kernel may exploit). Cost: :math:`2 k^3` flops.
     """
     A3 = A.reshape(math.prod(A.shape[:-2]), *A.shape[-2:])  # not -1: empty matrices
-    o3 = None if out is None else out.view(A3.shape)
-    return torch.baddbmm(A3, A3, A3, beta=b, alpha=c, out=o3).reshape(A.shape)
+    return torch.baddbmm(A3, A3, A3, beta=b, alpha=c).reshape(A.shape)
 
 
-def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False,
-              out: Tensor | None = None) -> Tensor:
+def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False) -> Tensor:
     r"""One polynomial update: :math:`a X + B X`, or :math:`a X + X B` if ``right``.
 
     ``X`` is ``[..., m, n]``; ``B`` is ``[..., m, m]`` (left) or ``[..., n, n]``
@@ -64,9 +58,8 @@ def poly_step(X: Tensor, B: Tensor, a: float, *, right: bool = False,
     batch = X.shape[:-2]
     X3 = X.reshape(math.prod(batch), *X.shape[-2:])  # not -1: empty matrices
     B3 = B.reshape(math.prod(B.shape[:-2]), *B.shape[-2:])
-    o3 = None if out is None else out.view(X3.shape)
     if right:
-        res = torch.baddbmm(X3, X3, B3, beta=a, alpha=1.0, out=o3)
+        out = torch.baddbmm(X3, X3, B3, beta=a, alpha=1.0)
     else:
-        res = torch.baddbmm(X3, B3, X3, beta=a, alpha=1.0, out=o3)
-    return res.reshape(*batch, *res.shape[-2:])
+        out = torch.baddbmm(X3, B3, X3, beta=a, alpha=1.0)
+    return out.reshape(*batch, *out.shape[-2:])

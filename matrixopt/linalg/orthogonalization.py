@@ -104,12 +104,6 @@ def _ops(backend: str) -> ModuleType:
     return reference
 
 
-def _reference_ops() -> ModuleType:
-    """The torch ops module itself (whose functions take ``out=``), whatever ``_ops`` returns."""
-    from ..kernels import reference
-    return reference
-
-
 def _segments(steps: int, restart_every: int | None) -> list[int]:
     """Lengths of the Gram-iteration segments between restarts."""
     if restart_every is None or restart_every >= steps:
@@ -209,10 +203,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype,
-                          out: Tensor | None = None) -> Tensor:
-    """``X / (s·‖X‖_F)`` per matrix, as a new tensor of dtype ``work`` (written into
-    ``out`` if given: contiguous, ``X``'s shape, dtype ``work``); zero stays zero.
+def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype) -> Tensor:
+    """``X / (s·‖X‖_F)`` per matrix, as a new tensor of dtype ``work``; zero stays zero.
 
     The norm is accumulated in float32 (float64 for float64 input) straight from
     ``X``. If it overflowed or underflowed (float32 squares of entries beyond
@@ -229,9 +221,8 @@ def _frobenius_normalized(X: Tensor, s: float, work: torch.dtype,
         nrm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     inv = torch.where(nrm > 0, (nrm * s).reciprocal(), torch.zeros_like(nrm))
     if work == torch.float16 and X.dtype != torch.float16:
-        Y = X.to(acc) * inv  # scale before the cast: float16's range is small
-        return Y.to(work) if out is None else out.copy_(Y)
-    return _scale_(X.to(work, copy=True) if out is None else out.copy_(X), inv)
+        return (X.to(acc) * inv).to(work)  # scale before the cast: float16's range is small
+    return _scale_(X.to(work, copy=True), inv)
 
 
 def _scale_(X: Tensor, scale: Tensor) -> Tensor:
@@ -378,27 +369,13 @@ def orthogonalize(
 
     right = m > n  # tall: work with the n×n Gram XᵀX and multiply from the right
     X = G.reshape(-1, m, n)
-    # Buffers of the CPU torch path (see _standard): the output, allocated up front,
-    # holds two iteration-dtype matrices when its dtype is at least twice as wide (fp32
-    # out, bf16 iteration), which serve as the normalised input and the ping-pong
-    # iterates, so its memory is page-faulted once, not once more per step (fresh
-    # allocations of a few MB come from the OS untouched: ~6 % of a 768×3072 call).
-    # CUDA's caching allocator already reuses memory, so accelerators keep the plain path.
-    out: Tensor | None = None
-    halves: tuple[Tensor, Tensor] | None = None
-    if (meth == "standard" and G.device.type == "cpu"
-            and G.dtype.itemsize >= 2 * work.itemsize and ops is _reference_ops()):
-        out = torch.empty(X.shape, dtype=G.dtype, device=G.device)
-        flat = out.view(-1).view(work)[: 2 * X.numel()].view(2, *X.shape)
-        halves = (flat[0], flat[1])
-    first = None if halves is None else halves[0]
     if normalization == "frobenius":
-        X = _frobenius_normalized(X, float(s), work, first)
+        X = _frobenius_normalized(X, float(s), work)
         A = None
     else:
         # Frobenius first (σ ≤ 1 so nothing overflows in half precision), then
         # refine with the first Gram matrix, which the iteration needs anyway.
-        X = _frobenius_normalized(X, 1.0, work, first)
+        X = _frobenius_normalized(X, 1.0, work)
         A = ops.gram(X, transpose=right)
         Aacc = A.to(_acc_dtype(A.dtype))
         if normalization == "spectral":
@@ -420,49 +397,21 @@ def orthogonalize(
             A = (d * Aacc * d.mT).to(work)
 
     if meth == "standard":
-        X = _standard(ops, X, schedule, right, A, halves)
+        X = _standard(ops, X, schedule, right, A)
     else:
         X = _gram_ns(ops, X, schedule, right, restart_every, A)
-    if out is None:
-        return X.reshape(G.shape).to(G.dtype)
-    return out.copy_(X).reshape(G.shape)  # the one cast; X is not in out's halves
+    return X.reshape(G.shape).to(G.dtype)
 
 
 def _standard(ops: ModuleType, X: Tensor, schedule: list[tuple[float, ...]],
-              right: bool, A: Tensor | None,
-              halves: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """X ← a X + B(A) X per step (X B for tall X, with A = XᵀX); see :func:`_sym_poly`.
-
-    With ``halves`` (torch ops only; ``None`` for Triton): the k×k buffers are
-    allocated once and reused by every step, and the iterates alternate between
-    the two halves (``X`` is in ``halves[0]``), except the last, which must not
-    overlap the output those halves belong to. Same operations, same results:
-    only the allocations differ.
-    """
+              right: bool, A: Tensor | None) -> Tensor:
+    """X ← a X + B(A) X per step (X B for tall X, with A = XᵀX); see :func:`_sym_poly`."""
     bounds = _lambda_bounds(tuple(schedule))
-    T = len(schedule)
-    Abuf: Tensor | None = None
-    Bbuf: Tensor | None = None
     for t, (a, *rest) in enumerate(schedule):
-        if halves is None:
-            if A is None:
-                A = ops.gram(X, transpose=right)
-            B, a_eff = _sym_poly(ops, A, a, rest, bounds[t])
-            X = ops.poly_step(X, B, a_eff, right=right)
-            A = None
-            continue
         if A is None:
-            if Abuf is None:
-                k = X.shape[-1] if right else X.shape[-2]
-                Abuf = X.new_empty(*X.shape[:-2], k, k)
-            A = ops.gram(X, transpose=right, out=Abuf)
-        if len(rest) == 2 and rest[1] != 0.0:  # quintic: B = bA + cA², into a reused buffer
-            Bbuf = torch.empty_like(A) if Bbuf is None else Bbuf
-            B, a_eff = ops.sym_poly(A, rest[0], rest[1], out=Bbuf), a
-        else:
-            B, a_eff = _sym_poly(ops, A, a, rest, bounds[t])
-        dest = halves[(t + 1) % 2] if t + 1 < T else None
-        X = ops.poly_step(X, B, a_eff, right=right, out=dest)
+            A = ops.gram(X, transpose=right)
+        B, a_eff = _sym_poly(ops, A, a, rest, bounds[t])
+        X = ops.poly_step(X, B, a_eff, right=right)
         A = None
     return X
 
