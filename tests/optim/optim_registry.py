@@ -11,6 +11,7 @@ contracts (dtype, state_dict, resume, grads, schedulers), not convergence speed.
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ def batch(step: int, dtype: torch.dtype = torch.float32, n: int = 32) -> tuple[T
     teacher = torch.randn(IN_FEATURES, OUT_FEATURES, generator=torch.Generator().manual_seed(7))
     y = torch.tanh(x @ teacher)
     return x.to(dtype), y.to(dtype)
+
+
+def weights_only_copy(sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
 
 def loss_at(model: nn.Module, step: int) -> Tensor:

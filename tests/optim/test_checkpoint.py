@@ -12,12 +12,12 @@ torch scheduler and Hugging Face's ``AdafactorSchedule``.
 from __future__ import annotations
 
 import copy
-import io
 import math
 from typing import Any
 
 import pytest
 import torch
+from optim_registry import weights_only_copy
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -42,14 +42,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def saved(sd: dict[str, Any]) -> dict[str, Any]:
-    """``sd`` through torch.save / torch.load(weights_only=True)."""
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def params(*shapes: tuple[int, ...], seed: int = 0) -> list[nn.Parameter]:
@@ -133,7 +125,7 @@ def test_number_counters_load_and_resume_identically(name, as_type):
     ps = params(*SHAPES)
     opt = MAKERS[name](ps)
     run(opt, ps, 3)
-    sd = saved(opt.state_dict())
+    sd = weights_only_copy(opt.state_dict())
     results = []
     for state_dict in (sd, _numbers(sd, as_type)):
         qs = [nn.Parameter(p.detach().clone()) for p in ps]
@@ -169,7 +161,7 @@ def test_counters_are_cpu_copies_with_saved_dtype(name):
     ps = params(*SHAPES)
     opt = MAKERS[name](ps)
     run(opt, ps, 3)
-    sd = saved(opt.state_dict())
+    sd = weights_only_copy(opt.state_dict())
     a, b = MAKERS[name](ps), MAKERS[name](ps)
     a.load_state_dict(sd)
     b.load_state_dict(sd)
@@ -223,7 +215,7 @@ def test_adamw_state_loads_into_muons_adamw_path():
     run(adamw, [p], 2)
     q = nn.Parameter(p.detach().clone())
     ours = Muon([q], lr=0.1)
-    ours.load_state_dict(saved(adamw.state_dict()))
+    ours.load_state_dict(weights_only_copy(adamw.state_dict()))
     g = ours.param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (3e-3, (0.8, 0.9), 1e-6, 0.0)
     assert not {"amsgrad", "foreach", "fused", "maximize"} & set(g)
@@ -264,7 +256,7 @@ def _hf_adafactor_state(ps: list[nn.Parameter], **kw: Any) -> tuple[Any, dict[st
     hps = [nn.Parameter(p.detach().clone()) for p in ps]
     hf = hf_mod.Adafactor(hps, **kw)
     run(hf, hps, 3)
-    return hps, saved(hf.state_dict())
+    return hps, weights_only_copy(hf.state_dict())
 
 
 def test_hf_adafactor_state_is_rejected_then_converted():
@@ -299,7 +291,7 @@ def test_torch_adafactor_state_is_rejected_then_converted():
     tps = [nn.Parameter(p.detach().clone()) for p in ps]
     theirs = torch.optim.Adafactor(tps)
     run(theirs, tps, 3)
-    sd = saved(theirs.state_dict())
+    sd = weights_only_copy(theirs.state_dict())
     qs = [nn.Parameter(p.detach().clone()) for p in tps]
     ours = Adafactor(qs)
     with pytest.raises(CheckpointError, match="from_torch_adafactor"):
@@ -373,7 +365,7 @@ def test_torch_muon_checkpoint_keys_are_translated():
     run(theirs, [p], 1)
     q = nn.Parameter(p.detach().clone())
     ours = Muon([q], eps=1e-9, betas=(0.8, 0.9), ns_dtype=torch.float32)
-    ours.load_state_dict(saved(theirs.state_dict()))
+    ours.load_state_dict(weights_only_copy(theirs.state_dict()))
     g = ours.param_groups[0]
     assert (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"]) == (0.03, 0.05, 0.9, False)
     assert g["coefficients"] == (3.4, -4.7, 2.0) and g["ns_steps"] == 6
@@ -447,10 +439,10 @@ def _torch_pair(seed: int = 0):
 def test_merge_state_dicts_torch_muon_and_adamw(form):
     model, hidden, rest, tm, ta = _torch_pair()
     opt = Muon([{"params": hidden, "algorithm": "muon"}, {"params": rest, "algorithm": "adamw"}])
-    sources = (tm, ta) if form == "live" else ((saved(tm.state_dict()), hidden),
-                                               (saved(ta.state_dict()), rest))
+    sources = (tm, ta) if form == "live" else ((weights_only_copy(tm.state_dict()), hidden),
+                                               (weights_only_copy(ta.state_dict()), rest))
     sd = merge_state_dicts(opt, *sources)
-    opt.load_state_dict(saved(sd))
+    opt.load_state_dict(weights_only_copy(sd))
     for p in hidden:
         assert torch.equal(opt.state[p]["momentum_buffer"], tm.state[p]["momentum_buffer"])
         assert opt.state[p]["momentum_buffer"] is not tm.state[p]["momentum_buffer"]
@@ -477,8 +469,8 @@ def test_merge_state_dicts_torch_muon_and_adamw(form):
     tw_rest = [twin_params[id(p)] for p in rest]
     tm2 = torch.optim.Muon(tw_hidden, lr=0.02, weight_decay=0.01)
     ta2 = torch.optim.AdamW(tw_rest, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    tm2.load_state_dict(saved(tm.state_dict()))
-    ta2.load_state_dict(saved(ta.state_dict()))
+    tm2.load_state_dict(weights_only_copy(tm.state_dict()))
+    ta2.load_state_dict(weights_only_copy(ta.state_dict()))
     for p in model.parameters():
         twin_params[id(p)].grad = grads[id(p)].clone()
     tm2.step()

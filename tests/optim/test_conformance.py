@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import io
 import os
 import pickle
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 import torch
-from optim_registry import REGISTRY, OptimInfo, loss_at, make_problem
+from optim_registry import REGISTRY, OptimInfo, loss_at, make_problem, weights_only_copy
 from torch import Tensor, nn
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -62,13 +61,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int =
         opt.zero_grad()
         loss_at(model, t).backward()
         opt.step()
-
-
-def reload(sd: dict[str, Any]) -> dict[str, Any]:
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def assert_identical(a: Any, b: Any, where: str = "state_dict") -> None:
@@ -111,7 +103,7 @@ def test_state_dict_deterministic(info: OptimInfo) -> None:
     model, opt = trained(info)
     sd = opt.state_dict()
     fresh = info.make(model)
-    fresh.load_state_dict(reload(sd))
+    fresh.load_state_dict(weights_only_copy(sd))
     assert_identical(sd, fresh.state_dict())
     fresh.load_state_dict(fresh.state_dict())  # into itself, twice
     fresh.load_state_dict(fresh.state_dict())
@@ -208,7 +200,7 @@ def test_state_dict_and_load_state_dict_hooks(info: OptimInfo) -> None:
 
     other.register_load_state_dict_pre_hook(load_pre)
     other.register_load_state_dict_post_hook(load_post)
-    other.load_state_dict(reload(sd))
+    other.load_state_dict(weights_only_copy(sd))
     assert seen[2:] == ["load-pre", "load-post"]
     del sd["extra"]
     assert_identical(sd, {k: v for k, v in other.state_dict().items()})
@@ -314,5 +306,5 @@ def test_torch_optimizer_input_configs(cls: type, torch_inputs: dict[str, Any]) 
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), cfg["desc"]
         assert all(torch.isfinite(p).all() for p in model.parameters()), cfg["desc"]
         other = cls(model.parameters(), **kwargs)
-        other.load_state_dict(reload(opt.state_dict()))
+        other.load_state_dict(weights_only_copy(opt.state_dict()))
         assert_identical(opt.state_dict(), other.state_dict(), cfg["desc"])

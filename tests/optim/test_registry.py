@@ -10,12 +10,11 @@ parameters, lr scheduler interaction and ``add_param_group``.
 from __future__ import annotations
 
 import copy
-import io
 from typing import Any
 
 import pytest
 import torch
-from optim_registry import REGISTRY, OptimInfo, loss_at, make_problem
+from optim_registry import REGISTRY, OptimInfo, loss_at, make_problem, weights_only_copy
 from torch import Tensor, nn
 
 IDS = [i.name for i in REGISTRY]
@@ -47,13 +46,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int =
         opt.step()
         if sched is not None:
             sched.step()
-
-
-def weights_only_copy(sd: dict[str, Any]) -> dict[str, Any]:
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 # torch's Optimizer.__setstate__ adds ``differentiable`` to the defaults on load
