@@ -13,6 +13,7 @@ from .coefficients import (
     resolve_coefficients,
 )
 from .norms import spectral_norm
+from .operators import OPERATORS, auon, hybrid_auon, racs
 from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
 from .polar_decomposition import POLAR_METHODS, PolarResult, polar, select_polar_method
 from .projectors import (
@@ -34,4 +35,5 @@ __all__ = [
     "randomized_svd", "subspace_iteration", "spectral_norm",
     "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
+    "auon", "hybrid_auon", "racs", "OPERATORS",
 ]
