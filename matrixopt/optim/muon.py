@@ -44,6 +44,7 @@ from ._common import (
 )
 from ._distributed import _is_dtensor, local_tensor
 from ._nonfinite import StepFlags
+from ._orthogonalizers import OPERATORS, apply_orthogonalizer
 from ._state import (
     check_state_dtype,
     compute_dtype,
@@ -143,6 +144,13 @@ class Muon(MatrixOptimizer):
         normuon_beta2: EMA factor of NorMuon's row statistic (default 0.95).
         cautious_wd: cautious weight decay (Chen et al. 2025): decay only entries
             whose update has the same sign as the weight (default False).
+        orthogonalizer: the operator applied to the momentum direction:
+            ``"newton_schulz"`` (default: :func:`~matrixopt.linalg.orthogonalize`
+            with the options above), ``"auon"``, ``"hybrid_auon"`` (``ns_steps``
+            Keller steps, default 1, in ``ns_dtype``) or ``"racs"`` (see
+            :mod:`matrixopt.linalg.operators`); the alternatives' unit-Frobenius
+            output is scaled by :math:`\sqrt{\min(m, n)}` so ``lr`` and
+            ``adjust_lr`` keep their meaning (:mod:`matrixopt.optim._orthogonalizers`).
         betas: AdamW path (β1, β2) (default (0.9, 0.999), torch.optim.AdamW's).
         eps: AdamW path ε (default 1e-8).
         process_group: data parallelism (not a group key). DTensor parameters
@@ -193,6 +201,7 @@ class Muon(MatrixOptimizer):
         normuon: bool = False,
         normuon_beta2: float = 0.95,
         cautious_wd: bool = False,
+        orthogonalizer: str = "newton_schulz",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         process_group: Any | None = None,
@@ -205,7 +214,8 @@ class Muon(MatrixOptimizer):
             ns_steps=ns_steps, ns_dtype=ns_dtype, normalization=normalization,
             ns_method=ns_method, ns_backend=ns_backend, matrix_view=matrix_view, split=split,
             normuon=normuon, normuon_beta2=normuon_beta2, cautious_wd=cautious_wd,
-            betas=betas, eps=eps, nonfinite=nonfinite, state_dtype=state_dtype,
+            orthogonalizer=orthogonalizer, betas=betas, eps=eps, nonfinite=nonfinite,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, process_group)
 
@@ -244,6 +254,7 @@ class Muon(MatrixOptimizer):
         check.boolean("normuon")
         check.number("normuon_beta2", low=0.0, high=1.0, high_open=True)
         check.boolean("cautious_wd")
+        check.choice("orthogonalizer", OPERATORS)
         check.betas("betas")
         check.number("eps", low=0.0)
         check_state_dtype(check)
@@ -367,8 +378,8 @@ class Muon(MatrixOptimizer):
         def orthogonalize_all(dirs: list[Tensor]) -> list[Tensor]:
             if cols_k:  # a column split: each block made contiguous
                 dirs = [_col_blocks(d, v, cols_k) for d, v in zip(dirs, whole)]
-            return self._strategy.orthogonalize(dirs, views, [p.shape for p in keys], orth,
-                                                comm_dtype=comm)
+            return apply_orthogonalizer(self._strategy, group, dirs, views,
+                                        [p.shape for p in keys], orth, comm)
 
         def unview(i: int, O: Tensor) -> Tensor:
             if cols_k:

@@ -155,6 +155,9 @@ REGISTRY: list[OptimInfo] = [
     OptimInfo("muon-param-groups", Muon, {"lr": 0.02}, params=muon_param_groups),
     OptimInfo("muon-conv", Muon, {"lr": 0.02}, problem="conv"),
     OptimInfo("muon-3d-experts", Muon, {"lr": 0.02}, problem="experts"),
+    # -- Muon with the cheap operators (matrixopt.linalg.operators) ----------
+    *[OptimInfo(f"muon-{op.replace('_', '-')}", Muon, {"lr": 0.02, "orthogonalizer": op})
+      for op in ("auon", "hybrid_auon", "racs")],
     # -- GaLoreAdamW: projector x on_refresh x residual, all 36 (a random basis learns slower)
     *[OptimInfo(f"galore-adamw-{proj}-{refresh}-{res}", GaLoreAdamW,
                 {**_GALORE, "projector": proj, "on_refresh": refresh, "residual": res},
