@@ -52,6 +52,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
     if name == "muon":
         return matrixopt.Muon(muon_param_groups(model), lr=lr, weight_decay=weight_decay,
                               betas=(0.9, 0.95))
+    if name in MUON_OPERATORS:  # Muon with a cheap operator in place of Newton–Schulz
+        return matrixopt.Muon(muon_param_groups(model), lr=lr, weight_decay=weight_decay,
+                              betas=(0.9, 0.95), orthogonalizer=MUON_OPERATORS[name])
     if name == "galore_adamw":
         d = min(p.shape[-1] for p in model.parameters() if p.ndim == 2)
         return matrixopt.GaLoreAdamW(_galore_groups(model, rank=max(1, d // 4)), lr=lr,
@@ -62,6 +65,8 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE}")
 
 
+#: opt-in names (not in the default run): ``--optimizers muon muon_auon ...``
+MUON_OPERATORS = {"muon_auon": "auon", "muon_hybrid_auon": "hybrid_auon", "muon_racs": "racs"}
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
@@ -143,7 +148,8 @@ def steps_to_reach(curve: list[tuple[int, float, float]], target: float) -> int 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizers", nargs="+", default=AVAILABLE, choices=AVAILABLE)
+    p.add_argument("--optimizers", nargs="+", default=AVAILABLE,
+                   choices=AVAILABLE + list(MUON_OPERATORS))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)

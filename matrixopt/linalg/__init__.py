@@ -12,6 +12,14 @@ from .coefficients import (
     polar_express_coefficients,
     resolve_coefficients,
 )
+from .lowrank_init import (
+    SPLIT_METHODS,
+    LowRankSplit,
+    NystromResult,
+    lowrank_split,
+    lowrank_split_model,
+    nystrom,
+)
 from .norms import spectral_norm
 from .operators import OPERATORS, auon, hybrid_auon, racs
 from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
@@ -36,4 +44,6 @@ __all__ = [
     "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
     "auon", "hybrid_auon", "racs", "OPERATORS",
+    "nystrom", "NystromResult", "lowrank_split", "LowRankSplit", "lowrank_split_model",
+    "SPLIT_METHODS",
 ]
