@@ -142,7 +142,8 @@ def nystrom(A: Tensor, rank: int, *, sketch: str = "gaussian", oversample: int |
     Returns:
         :class:`NystromResult` in float32 (float64 for float64 ``A``).
 
-    Cost: ``"gaussian"`` :math:`2mn(2r + p)(1 + 2q)` flops (:math:`q` = ``n_iter``) plus :math:`O((m + n)r^2)`;
+    Cost: ``"gaussian"`` :math:`2mn(2r + p)(1 + 2q)` flops (:math:`q` = ``n_iter``)
+    plus :math:`O((m + n)r^2)`;
     ``"columns"`` with chosen indices the same sketches plus :math:`O(r^2(m+n))`
     pivoting; with given indices only gathers and an ``r × r`` pseudo-inverse.
     """

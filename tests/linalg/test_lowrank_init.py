@@ -41,7 +41,8 @@ def _optimal_error(W: np.ndarray, r: int) -> float:
 def test_nystrom_is_exact_on_rank_r_matrices(m: int, n: int, r: int, seed: int,
                                              sketch: str) -> None:
     rng = np.random.default_rng(seed)
-    W = rng.standard_normal((2, m, r)) @ rng.standard_normal((2, r, n)) * 10.0 ** rng.integers(-8, 8)
+    scale = 10.0 ** rng.integers(-8, 8)
+    W = rng.standard_normal((2, m, r)) @ rng.standard_normal((2, r, n)) * scale
     L, M, R, _, _ = nystrom(torch.from_numpy(W), r, sketch=sketch, generator=seed)
     np.testing.assert_allclose((L @ M @ R).numpy(), W, rtol=0,
                                atol=1e-10 * np.abs(W).max())
