@@ -6,6 +6,14 @@ train/validation loss after N steps, with ratios to torch.optim.Muon + AdamW.
 
     python benchmarks/bench_muon.py            # full run (~ several minutes on 2 cores)
     python benchmarks/bench_muon.py --quick    # smoke run
+    python benchmarks/bench_muon.py --configs "matrixopt Muon" "matrixopt Muon (auon)" \
+        "matrixopt Muon (hybrid_auon)" "matrixopt Muon (racs)"   # the cheap operators
+
+Rows ``matrixopt Muon (auon|hybrid_auon|racs)`` are ``Muon(orthogonalizer=...)``;
+``step_time_vs_muon`` is the ratio of median optimizer-step times to
+``matrixopt Muon`` (the default Newton–Schulz), and ``--operators`` also times the
+operator alone on the GPT's hidden-matrix shapes (median of ``--repeats`` calls,
+``op_time_vs_ns`` against ``orthogonalize`` with Muon's defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, print_table, write_csv  # noqa: E402
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
+from matrixopt.linalg import OPERATORS, auon, hybrid_auon, orthogonalize, racs  # noqa: E402
 from matrixopt.optim import Muon, muon_param_groups  # noqa: E402
 
 
@@ -69,6 +78,9 @@ def make(name: str, model: nn.Module, lr: float, wd: float) -> Chain:
     if name == "matrixopt Muon (nonic, 3 steps, spectral)":
         return Chain(Muon(muon_param_groups(model), lr=lr, weight_decay=wd, betas=betas,
                           coefficients="polar_express_nonic", normalization="spectral"))
+    if name.startswith("matrixopt Muon (") and name[16:-1] in OPERATORS:
+        return Chain(Muon(muon_param_groups(model), lr=lr, weight_decay=wd, betas=betas,
+                          orthogonalizer=name[16:-1]))
     if name == "torch Muon + AdamW":
         return Chain(torch.optim.Muon(hidden, lr=lr, weight_decay=wd,
                                       adjust_lr_fn="match_rms_adamw"),
@@ -85,7 +97,8 @@ def make(name: str, model: nn.Module, lr: float, wd: float) -> Chain:
 
 CONFIGS = ["matrixopt Muon", "matrixopt Muon (keller, matched)",
            "matrixopt Muon (nonic, 3 steps, spectral)", "torch Muon + AdamW",
-           "heavyball Muon + AdamW", "torch AdamW"]
+           "heavyball Muon + AdamW", "torch AdamW",
+           *[f"matrixopt Muon ({op})" for op in ("auon", "hybrid_auon", "racs")]]
 
 
 def state_bytes(chain: Chain) -> int:
@@ -146,6 +159,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     p.add_argument("--quick", action="store_true", help="20 steps, d_model 128")
+    p.add_argument("--operators", action="store_true",
+                   help="also time each orthogonalizer alone (see the module docstring)")
+    p.add_argument("--repeats", type=int, default=20, help="calls per operator timing")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.d_model = 20, 128
@@ -159,7 +175,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
               flush=True)
     base = next((r for r in rows if r["optimizer"] == "torch Muon + AdamW"), None)
+    ours = next((r for r in rows if r["optimizer"] == "matrixopt Muon"), None)
     for r in rows:
+        if ours:
+            r["step_time_vs_muon"] = r["step_ms"] / ours["step_ms"]
         if base:
             r["step_time_vs_torch"] = r["step_ms"] / base["step_ms"]
             r["val_loss_vs_torch"] = r["val_loss"] / base["val_loss"]
@@ -167,6 +186,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              f"{args.batch_size}x{args.seq_len}, lr {args.lr}, wd {args.wd}, "
                              f"{args.threads} threads"))
     write_csv(rows, "bench_muon")
+    if args.operators:
+        operator_times(args)
+    return rows
+
+
+def operator_times(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each operator alone on the hidden-matrix shapes of the benchmark GPT (batched by
+    shape as Muon does), median of ``repeats`` calls, against Muon's default
+    orthogonalize (polar_express, bf16 iteration)."""
+    cfg = GPTConfig(vocab_size=96, seq_len=args.seq_len, n_layer=args.n_layer,
+                    d_model=args.d_model, n_head=max(1, args.d_model // 64))
+    shapes: dict[tuple[int, ...], int] = {}
+    for p in _split(GPT(cfg))[0]:
+        shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(b, *s, generator=g) for s, b in shapes.items()]
+    ops: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "newton_schulz": lambda X: orthogonalize(X, dtype=torch.bfloat16),
+        "auon": auon, "racs": racs,
+        "hybrid_auon": lambda X: hybrid_auon(X, dtype=torch.bfloat16)}
+    rows = []
+    for name, op in ops.items():
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for X in mats:
+                op(X)
+            times.append(time.perf_counter() - t0)
+        rows.append({"operator": name, "ms": 1e3 * statistics.median(times)})
+    for r in rows:
+        r["op_time_vs_ns"] = r["ms"] / rows[0]["ms"]
+    print_table(rows, title=(f"operators alone on the hidden matrices {dict(shapes)}, "
+                             f"{args.threads} threads"))
+    write_csv(rows, "bench_muon_operators")
     return rows
 
 

@@ -47,6 +47,23 @@ def _msign_scale(X: Tensor, m: int, n: int) -> Tensor:
     return X * math.sqrt(min(m, n))
 
 
+def _batched(fn: Orth, mats: list[Tensor]) -> list[Tensor]:
+    """``fn`` of every ``[b, m, n]`` tensor, one call per (shape, dtype): the elementwise
+    operators cost a few passes each, so the per-call overhead matters at small sizes."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, X in enumerate(mats):
+        groups.setdefault((tuple(X.shape[-2:]), X.dtype), []).append(i)
+    out: list[Tensor | None] = [None] * len(mats)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = fn(mats[idx[0]])
+            continue
+        res = fn(torch.cat([mats[i] for i in idx]))
+        for i, part in zip(idx, res.split([mats[i].shape[0] for i in idx])):
+            out[i] = part
+    return [o for o in out if o is not None]
+
+
 def apply_orthogonalizer(strategy: Strategy, group: dict[str, Any], dirs: list[Tensor],
                          views: Sequence[tuple[int, int, int]],
                          full_shapes: Sequence[torch.Size], orth: Orth,
@@ -71,7 +88,7 @@ def apply_orthogonalizer(strategy: Strategy, group: dict[str, Any], dirs: list[T
         return _msign_scale(op(X), *X.shape[-2:])
 
     if not strategy.sharded:
-        return [whole(d.reshape(v)) for d, v in zip(dirs, views)]
+        return _batched(whole, [d.reshape(v) for d, v in zip(dirs, views)])
     out: list[Tensor | None] = [None] * len(dirs)
     rest = []
     for i, (d, (b, m, n), shape) in enumerate(zip(dirs, views, full_shapes)):
