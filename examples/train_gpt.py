@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="lr sweep (tuned lr x 1/3.16, 1, 3.16, 10) per optimizer at --sweep-steps; "
                         "writes results/sweep.csv and the best lr to examples/tuned_lr.json")
-    p.add_argument("--sweep-steps", type=int, default=200)
+    p.add_argument("--sweep-steps", type=int, default=150)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--lr", type=str, default="",
                    help="comma list name=value overriding examples/tuned_lr.json, "
