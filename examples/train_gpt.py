@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="lr sweep (tuned lr x 1/3.16, 1, 3.16, 10) per optimizer at --sweep-steps; "
                         "writes results/sweep.csv and the best lr to examples/tuned_lr.json")
-    p.add_argument("--sweep-steps", type=int, default=150)
+    p.add_argument("--sweep-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--lr", type=str, default="",
                    help="comma list name=value overriding examples/tuned_lr.json, "
@@ -242,7 +242,8 @@ def sweep(args: argparse.Namespace, data: CharData) -> dict[str, float]:
     short = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps,
                                   "warmup": min(args.warmup, args.sweep_steps // 10)})
     rows = []
-    for name in args.optimizers:
+    names = [n for n in args.optimizers if not n.endswith("_lisa")]  # LISA: its base's lr
+    for name in names:
         base = args.lr.get(name, args.lr["default"])
         for f in SWEEP_FACTORS:
             short.lr = {**args.lr, name: float(f"{base * f:.3g}")}
@@ -257,7 +258,7 @@ def sweep(args: argparse.Namespace, data: CharData) -> dict[str, float]:
             w.writerow([r["optimizer"], r["lr"], args.sweep_steps, r["seed"],
                         f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['wall_s']:.1f}"])
     best = {}
-    for name in args.optimizers:
+    for name in names:
         runs = [r for r in rows if r["optimizer"].split("[")[0] == name]
         best[name] = min(runs, key=lambda r: r["val_loss"])["lr"]
         edge = best[name] in (runs[0]["lr"], runs[-1]["lr"])
