@@ -49,7 +49,9 @@ def tuned_lrs(path: Path = TUNED) -> dict[str, float]:
     """``{"default": lr, name: lr, ...}`` from ``tuned_lr.json`` (3e-3 if it is missing)."""
     lrs = {"default": 3e-3}
     if path.exists():
-        lrs.update({k: float(v) for k, v in json.loads(path.read_text())["lr"].items()})
+        doc = json.loads(path.read_text())
+        lrs["default"] = float(doc.get("default", 3e-3))
+        lrs.update({k: float(v) for k, v in doc["lr"].items()})
     return lrs
 
 
@@ -220,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="lr sweep (tuned lr x 1/3.16, 1, 3.16, 10) per optimizer at --sweep-steps; "
                         "writes results/sweep.csv and the best lr to examples/tuned_lr.json")
     p.add_argument("--sweep-steps", type=int, default=100)
+    p.add_argument("--tuned", type=Path, default=TUNED,
+                   help="the JSON of tuned learning rates read (and written by --sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--lr", type=str, default="",
                    help="comma list name=value overriding examples/tuned_lr.json, "
@@ -227,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the PNG and CSV")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    lrs = tuned_lrs()
+    lrs = tuned_lrs(args.tuned)
     for item in filter(None, args.lr.split(",")):
         k, v = item.split("=")
         lrs[k.strip()] = float(v)
@@ -264,12 +268,13 @@ def sweep(args: argparse.Namespace, data: CharData) -> dict[str, float]:
         edge = best[name] in (runs[0]["lr"], runs[-1]["lr"])
         print(f"{name}: best lr {best[name]:.3g}" + (" (edge of the grid: sweep again)"
                                                     if edge else ""))
-    doc = json.loads(TUNED.read_text()) if TUNED.exists() else {"default": 3e-3, "lr": {}}
+    doc = (json.loads(args.tuned.read_text()) if args.tuned.exists()
+           else {"default": 3e-3, "lr": {}})
     doc["lr"].update(best)
     doc["source"] = (f"python examples/train_gpt.py --sweep --sweep-steps {args.sweep_steps} "
                      f"(results/sweep.csv)")
-    TUNED.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {args.out / 'sweep.csv'} and {TUNED}")
+    args.tuned.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out / 'sweep.csv'} and {args.tuned}")
     return best
 
 
