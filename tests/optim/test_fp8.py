@@ -205,3 +205,32 @@ def test_int8_state_converts_to_fp8_when_the_group_switches():
     _run(opt2, ps2, 1, start=2)
     st = opt2.state[ps2[0]]
     assert st["exp_avg"].dtype == FP8_DTYPE and st["exp_avg_absmax"].shape[-1] == 2
+
+
+@pytest.mark.parametrize("name", ["muon", "galore_adamw"])
+def test_fp8_state_steps_on_fake_cuda_without_host_reads(name, monkeypatch):
+    """FakeTensorMode "cuda" dry run (see test_fake_cuda.py): quantise/dequantise of fp8
+    moments read no device value on the host and keep the state on the device."""
+    import test_fake_cuda as fc
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(fc._GaLoreBase, "_generator", staticmethod(fc._cpu_generator))
+    for attr, fn in (("copy_", fc._fake_copy_), ("__getitem__", fc._fake_getitem),
+                     ("__setitem__", fc._fake_setitem), ("contiguous", fc._fake_contiguous)):
+        monkeypatch.setattr(torch.Tensor, attr, fn)
+    reads = fc.HostReads()
+    with FakeTensorMode(), reads:
+        ps = [torch.nn.Parameter(torch.randn(96, 64, device="cuda")),
+              torch.nn.Parameter(torch.randn(32, 16, device="cuda")),
+              torch.nn.Parameter(torch.randn(64, device="cuda"))]
+        opt = MAKERS[name](ps, "fp8")
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        st = opt.state[ps[0]]
+        assert st["exp_avg" if name != "muon" else "momentum_buffer"].dtype == FP8_DTYPE
+        devices = {t.device.type for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.ndim > 0}
+    assert devices == {"cuda"}
+    assert reads.reads == []
