@@ -1,4 +1,4 @@
-"""Memory features side by side: int8 / bf16 optimizer state and layer-wise stepping.
+"""Memory features side by side: int8 / fp8 / bf16 optimizer state and layer-wise stepping.
 
 One run, same machine, on the GPT of ``examples/gpt.py`` (character level):
 
@@ -13,12 +13,13 @@ One run, same machine, on the GPT of ``examples/gpt.py`` (character level):
   ``torch.cuda.max_memory_allocated``; plus the same with
   :class:`~matrixopt.optim.LayerwiseStepper` (``+lw`` rows);
 * **validation loss** after ``--steps`` steps (smaller GPT, same data order,
-  initialisation and schedule) for the fp32-state and int8-state runs.
+  initialisation and schedule) for the fp32-state, int8-state and fp8-state runs.
 
 Optimizers: torch.optim.AdamW; ours "AdamW" (Muon with every group on the
-AdamW path) fp32/int8; Muon fp32/bf16/int8 (embeddings/head/norms on its AdamW
-path, same ``state_dtype``); GaLoreAdamW fp32/int8; Adafactor; galore-torch
-GaLoreAdamW; bitsandbytes AdamW8bit (CPU path).
+AdamW path) fp32/int8/fp8; Muon fp32/bf16/int8/fp8 (embeddings/head/norms on its
+AdamW path, same ``state_dtype``); GaLoreAdamW fp32/int8/fp8; Adafactor; galore-torch
+GaLoreAdamW; bitsandbytes AdamW8bit (CPU path). fp8 is COAT's E4M3 with dynamic
+range expansion (:mod:`matrixopt.optim._fp8`).
 
     python benchmarks/bench_memory.py            # full run (a few minutes on 2 cores)
     python benchmarks/bench_memory.py --quick    # smoke run
@@ -64,11 +65,14 @@ from matrixopt.optim import (  # noqa: E402
 )
 
 ALL = ["torch_adamw", "adamw", "adamw_int8", "muon", "muon_bf16", "muon_int8", "galore_adamw",
-       "galore_adamw_int8", "adafactor", "galore_torch", "bnb_adamw8bit"]
+       "galore_adamw_int8", "adafactor", "galore_torch", "bnb_adamw8bit", "adamw_fp8",
+       "muon_fp8", "galore_adamw_fp8"]
 # (int8/bf16 variant, its fp32 baseline) for the state ratio and the loss check
 PAIRS = {"adamw_int8": "adamw", "muon_bf16": "muon", "muon_int8": "muon",
-         "galore_adamw_int8": "galore_adamw", "bnb_adamw8bit": "torch_adamw"}
-LOSS_PAIRS = ["adamw", "adamw_int8", "muon", "muon_int8", "galore_adamw", "galore_adamw_int8"]
+         "galore_adamw_int8": "galore_adamw", "bnb_adamw8bit": "torch_adamw",
+         "adamw_fp8": "adamw", "muon_fp8": "muon", "galore_adamw_fp8": "galore_adamw"}
+LOSS_PAIRS = ["adamw", "adamw_int8", "muon", "muon_int8", "galore_adamw", "galore_adamw_int8",
+              "adamw_fp8", "muon_fp8", "galore_adamw_fp8"]
 
 
 def _import_bnb() -> Any:
@@ -82,7 +86,7 @@ def _hidden(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 def build(name: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Each optimizer as a user would configure it (same lr, betas, weight decay)."""
     lr, wd, betas = args.lr, 0.1, (0.9, 0.95)
-    sd = "int8" if name.endswith("int8") else "bf16" if name.endswith("bf16") else None
+    sd = next((f for f in ("int8", "bf16", "fp8") if name.endswith(f)), None)
     mats, rest = _hidden(model)
     if name == "torch_adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
@@ -203,7 +207,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].legend()
     for ax in axes:
         ax.invert_yaxis()
-    fig.suptitle("GPT memory: int8/bf16 state and layer-wise stepping (CPU, profiler peak)")
+    fig.suptitle("GPT memory: int8/fp8/bf16 state and layer-wise stepping (CPU, profiler peak)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,6 +10,7 @@ from .checkpoint import (
 )
 from .galore import GaLoreAdafactor, GaLoreAdamW
 from .layerwise import LayerwiseStepper
+from .lisa import LISA
 from .memory import MemoryReport, memory_report
 from .muon import ADJUST_LR_MODES, Muon, muon_update_scale
 from .routing import ParamGroups, Route, galore_param_groups, muon_param_groups
@@ -18,4 +19,4 @@ __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_gr
            "galore_param_groups", "muon_update_scale", "ParamGroups", "Route",
            "ADJUST_LR_MODES", "GroupError", "NonFiniteGradientError", "CheckpointError",
            "merge_state_dicts", "from_hf_adafactor", "from_torch_adafactor", "LayerwiseStepper",
-           "memory_report", "MemoryReport"]
+           "memory_report", "MemoryReport", "LISA"]
