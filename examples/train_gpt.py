@@ -59,12 +59,16 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
     if name == "adafactor":
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False)
+    if name == "dion":  # rank 1/4; update RMS 0.2 so Muon's/AdamW's lr carries over
+        return matrixopt.optim.Dion(muon_param_groups(model), lr=lr, weight_decay=weight_decay,
+                                    betas=(0.9, 0.95), rank_fraction=0.25,
+                                    adjust_lr="match_rms_adamw")
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE}")
 
 
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
-                                 if hasattr(matrixopt, attr)]
+                                 if hasattr(matrixopt, attr)] + ["dion"]
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
