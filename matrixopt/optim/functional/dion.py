@@ -199,7 +199,7 @@ def dion_apply_(params: Sequence[Tensor], bufs: Sequence[Tensor], qs: Sequence[T
     if not params:
         return
     Rs = [_work(B) @ P.to(_work(B).dtype) for B, P in zip(bufs, factors)]
-    sq = [R.float().square().sum(-2) for R in Rs]  # [b, r] each
+    sq = [R.square().sum(-2) for R in Rs]  # [b, r] each, float32 or float64
     if reduce is not None:
         flat = reduce(torch.cat([s.reshape(-1) for s in sq]))
         sq = [f.view(s.shape) for f, s in zip(flat.split([s.numel() for s in sq]), sq)]
@@ -212,7 +212,7 @@ def dion_apply_(params: Sequence[Tensor], bufs: Sequence[Tensor], qs: Sequence[T
             B.sub_((R @ Pw.mT).mul_(ef[i]))
         else:
             B.copy_(_work(B) - (R @ Pw.mT).mul_(ef[i]))
-        Qn = (R / (s.sqrt().to(R.dtype).unsqueeze(-2) + eps))
+        Qn = R / (s.sqrt().unsqueeze(-2) + eps)
         keep = (P == 0).flatten(-2).all(-1).view(-1, 1, 1)
         Qn = torch.where(keep, _work(Q).to(R.dtype), Qn)
         Q.copy_(flags.select(i, Qn, _work(Q).to(R.dtype)))
