@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
-from matrixopt.optim import Dion
+from matrixopt.optim import Adafactor, Dion, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
 
 # ---------------------------------------------------------------------------
 # Problems

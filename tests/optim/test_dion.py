@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from functional.test_functional_dion import reference_step  # tests/optim/functional
 from torch import nn
 
 from matrixopt.optim import Dion, GroupError, muon_param_groups
 from matrixopt.optim.functional.dion import dion_rank
-
-from functional.test_functional_dion import reference_step  # tests/optim/functional
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,7 +33,7 @@ def test_class_step_matches_reference_and_adamw_path_runs() -> None:
     Wr, Mr = W0.clone(), torch.zeros_like(W0)
     g = torch.Generator().manual_seed(1)
     b0 = lin.bias.detach().clone()
-    for step in range(3):
+    for _ in range(3):
         G = torch.randn(10, 6, generator=g, dtype=torch.float64)
         lin.weight.grad, lin.bias.grad = G.clone(), torch.ones(10, dtype=torch.float64)
         if Q is None:  # Q is drawn at the first step: the reference starts from it

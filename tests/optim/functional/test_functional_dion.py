@@ -51,7 +51,7 @@ def _sketch(k: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def _ours(W: Tensor, G: Tensor, M: Tensor, Q: Tensor, *, method: str, lr: float, mu: float,
-          wd: float, eps: float, flags: StepFlags = StepFlags.off()) -> None:
+          wd: float, eps: float, flags: StepFlags | None = None) -> None:
     m, n = W.shape
     r = Q.shape[-1]
     B = M.view(1, m, n)
@@ -59,7 +59,8 @@ def _ours(W: Tensor, G: Tensor, M: Tensor, Q: Tensor, *, method: str, lr: float,
     Qv = Q.view(1, m, r)
     P = dion_factors([B], [Qv], method=method, sketch=_sketch)
     dion_apply_([W.view(1, m, n)], [B], [Qv], P, lr=lr, weight_decay=wd, mu=mu,
-                scales=[dion_update_scale(m, n, r, "spectral")], eps=eps, flags=flags)
+                scales=[dion_update_scale(m, n, r, "spectral")], eps=eps,
+                flags=flags or StepFlags.off())
 
 
 @pytest.mark.parametrize("method", ["qr", "rcqr"])
