@@ -192,7 +192,6 @@ REGISTRY: list[OptimInfo] = [
               {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
     OptimInfo("adafactor-conv", Adafactor, {"lr": 1e-2, "relative_step": False}, problem="conv"),
     # -- Dion ---------------------------------------------------------------
-    OptimInfo("dion-default", Dion, {"lr": 0.02}),
     OptimInfo("dion-quarter-rank", Dion, {"lr": 0.02, "rank_fraction": 0.25}),
     OptimInfo("dion-param-groups-householder-rms", Dion,
               {"lr": 0.01, "rank": 2, "qr_method": "qr", "adjust_lr": "match_rms_adamw"},
