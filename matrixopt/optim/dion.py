@@ -215,7 +215,7 @@ class Dion(MatrixOptimizer):
             key = (seed, k, n, device, dtype)
             if key not in cache:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + k * 7_919 + n)
-                cache[key] = (torch.randn(k, n, generator=g, dtype=torch.float64)
+                cache[key] = (torch.randn(k, n, generator=g, dtype=torch.float64, device="cpu")
                               / math.sqrt(k)).to(device=device, dtype=dtype)
             return cache[key]
         return get
@@ -227,7 +227,7 @@ class Dion(MatrixOptimizer):
         b, m, _, r = self._shape(group, p)
         batched = matrix_view(p.shape, group["matrix_view"]).batched
         g = torch.Generator().manual_seed(int(group["seed"]) + 7_919 * index)
-        full = torch.randn(b, m, r, generator=g, dtype=torch.float32).to(p.dtype)
+        full = torch.randn(b, m, r, generator=g, dtype=torch.float32, device="cpu").to(p.dtype)
         full = full if batched else full[0]
         st = self._strategy
         if not st.sharded:

@@ -169,3 +169,16 @@ def test_match_rms_adamw_update_rms_is_lr_times_0p2() -> None:
     rms = (W.detach() - W0).square().mean().sqrt()
     assert float(rms) == pytest.approx(0.2e-3, rel=1e-4)
     assert math.isclose(dion_rank(12, 20, 0.25), 3)
+
+
+def test_step_creates_nothing_on_the_default_device() -> None:
+    """Q, the sketch and every temporary are made on the parameter's device: under a
+    ``torch.device("meta")`` default a tensor created without a device would be meta."""
+    lin = nn.Linear(40, 60)
+    opt = Dion(lin.parameters(), rank_fraction=0.25)  # rcqr: n = 40 > r = 10
+    lin.weight.grad, lin.bias.grad = torch.randn(60, 40), torch.randn(60)
+    with torch.device("meta"):
+        opt.step()
+        opt.step()
+    st = opt.state[lin.weight]
+    assert st["Q"].device.type == "cpu" and bool(torch.isfinite(lin.weight).all())
