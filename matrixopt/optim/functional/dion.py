@@ -163,7 +163,8 @@ def dion_factors(bufs: Sequence[Tensor], qs: Sequence[Tensor], *, method: str,
     """
     if not bufs:
         return []
-    prods = [_work(B).mT @ _work(Q).to(_work(B).dtype) for B, Q in zip(bufs, qs)]
+    work = [_work(B) for B in bufs]
+    prods = [Bw.mT @ Q.to(Bw.dtype) for Bw, Q in zip(work, qs)]
     if reduce is not None:
         wire = comm_dtype or prods[0].dtype
         flat = reduce(torch.cat([p.reshape(-1).to(wire) for p in prods]))
