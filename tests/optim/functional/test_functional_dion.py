@@ -21,6 +21,15 @@ from matrixopt.optim.functional.dion import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: intra-op threads only oversubscribe the shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _qr_pos(P: Tensor) -> Tensor:
     """Householder Q with a positive-diagonal R (the canonical QR factor)."""
     Q, R = torch.linalg.qr(P)
