@@ -200,5 +200,82 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows + trows
 
 
+# ---------------------------------------------------------------------------
+# Dion vs Muon under FSDP2: the optimizers' own collectives (issue 17 target)
+# ---------------------------------------------------------------------------
+def _dion_job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from matrixopt.optim import Dion
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = CharData()
+    gen = torch.Generator().manual_seed(1 + rank)
+    configs = {
+        "Muon (default, bf16 payload)": lambda m: Muon(muon_param_groups(m), lr=1e-3),
+        "Dion r=1/4": lambda m: Dion(muon_param_groups(m), lr=1e-3, rank_fraction=0.25),
+        "Dion r=1/4, comm_dtype=bf16": lambda m: Dion(
+            muon_param_groups(m), lr=1e-3, rank_fraction=0.25, comm_dtype=torch.bfloat16),
+    }
+    res: dict[str, Any] = {}
+    for name, make in configs.items():
+        model = _model(args, data.vocab_size)
+        fully_shard(model, reshard_after_forward=False)
+        opt = make(model)
+        times = []
+        with count_bytes() as c:
+            for _ in range(STEPS):
+                x, y = data.batch("train", args.batch_size, args.seq_len, gen)
+                opt.zero_grad(set_to_none=True)
+                model(x, y).backward()
+                dist.barrier()
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+        res[name] = {"bytes": sum(c.values()) / STEPS, "kinds": dict(c),
+                     "step_s": sorted(times)[len(times) // 2]}
+    if rank == 0:
+        torch.save(res, out)
+    dist.destroy_process_group()
+
+
+def dion_main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``python benchmarks/bench_distributed.py --dion [--d-model 512 --n-layer 2]``: bytes
+    per rank and step of the optimizer's own collectives under FSDP2 (``count_bytes``,
+    ring accounting; the FSDP2 parameter all-gather / gradient reduce-scatter, the same
+    for every optimizer, is not included), Dion vs Muon on the GPT."""
+    p = argparse.ArgumentParser(description=dion_main.__doc__)
+    p.add_argument("--dion", action="store_true")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    args = p.parse_args(argv)
+    import socket
+    import tempfile
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.path.join(tempfile.mkdtemp(), "dion.pt")
+    mp.spawn(_dion_job, args=(args.world, port, args, out), nprocs=args.world)
+    res = torch.load(out, weights_only=False)
+    base = res["Muon (default, bf16 payload)"]["bytes"]
+    rows = [{"optimizer": k, "optimizer B/step": v["bytes"], "vs Muon": v["bytes"] / base,
+             "collectives": ", ".join(f"{n} {b / STEPS:.0f}" for n, b in v["kinds"].items() if b),
+             "step ms (median)": 1e3 * v["step_s"]} for k, v in res.items()]
+    print(machine_description())
+    print(f"model: GPT d_model={args.d_model} n_layer={args.n_layer}; FSDP2 on {args.world} gloo "
+          f"ranks, 1 thread each; bytes per rank per step of the optimizer's collectives")
+    print_table(rows, title="FSDP2: Dion vs Muon, optimizer collectives")
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    if "--dion" in sys.argv[1:]:
+        dion_main()
+    else:
+        main()

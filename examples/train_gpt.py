@@ -100,6 +100,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False, beta1=0.9,
                                    beta2_cap=0.95, **sd)
+    if name == "dion":  # rank 1/4; update RMS 0.2 so Muon's/AdamW's lr carries over
+        return matrixopt.optim.Dion(muon_param_groups(model), lr=lr, weight_decay=weight_decay,
+                                    betas=(0.9, 0.95), rank_fraction=0.25,
+                                    adjust_lr="match_rms_adamw", **sd)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE + EXTRA}")
 
 
@@ -109,7 +113,7 @@ AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
 #: opt-in configurations (not in the default comparison)
-EXTRA = ["adamw_lisa", *MUON_OPERATORS]
+EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion"]
 #: LISA (matrixopt.optim.LISA) in "adamw_lisa": 2 of the blocks trainable, resampled
 #: every 20 steps (LMFlow's scripts); embeddings, final norm and head always train
 LISA_ACTIVE, LISA_PERIOD = 2, 20

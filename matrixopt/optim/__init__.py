@@ -8,6 +8,7 @@ from .checkpoint import (
     from_torch_adafactor,
     merge_state_dicts,
 )
+from .dion import Dion
 from .galore import GaLoreAdafactor, GaLoreAdamW
 from .layerwise import LayerwiseStepper
 from .lisa import LISA
@@ -15,7 +16,7 @@ from .memory import MemoryReport, memory_report
 from .muon import ADJUST_LR_MODES, Muon, muon_update_scale
 from .routing import ParamGroups, Route, galore_param_groups, muon_param_groups
 
-__all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
+__all__ = ["Muon", "Dion", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
            "galore_param_groups", "muon_update_scale", "ParamGroups", "Route",
            "ADJUST_LR_MODES", "GroupError", "NonFiniteGradientError", "CheckpointError",
            "merge_state_dicts", "from_hf_adafactor", "from_torch_adafactor", "LayerwiseStepper",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
+from matrixopt.optim import Adafactor, Dion, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
 
 # ---------------------------------------------------------------------------
 # Problems
@@ -194,6 +194,13 @@ REGISTRY: list[OptimInfo] = [
     OptimInfo("adafactor-weight-decay", Adafactor,
               {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
     OptimInfo("adafactor-conv", Adafactor, {"lr": 1e-2, "relative_step": False}, problem="conv"),
+    # -- Dion ---------------------------------------------------------------
+    OptimInfo("dion-quarter-rank", Dion, {"lr": 0.02, "rank_fraction": 0.25}),
+    OptimInfo("dion-param-groups-householder-rms", Dion,
+              {"lr": 0.01, "rank": 2, "qr_method": "qr", "adjust_lr": "match_rms_adamw"},
+              params=muon_param_groups),
+    OptimInfo("dion-conv", Dion, {"lr": 0.02}, problem="conv"),
+    OptimInfo("dion-3d-experts", Dion, {"lr": 0.02, "rank_fraction": 0.5}, problem="experts"),
 ]
 
 _names = [i.name for i in REGISTRY]
