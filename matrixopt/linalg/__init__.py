@@ -25,6 +25,7 @@ from .projectors import (
     projection_side,
     transport_moments,
 )
+from .spectral import spectral_cap, spectral_normalize
 from .svd import randomized_svd, subspace_iteration
 
 __all__ = [
@@ -33,5 +34,5 @@ __all__ = [
     "polar", "PolarResult", "POLAR_METHODS", "select_polar_method",
     "randomized_svd", "subspace_iteration", "spectral_norm",
     "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
-    "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
+    "transport_moments", "BASIS_METHODS", "PROJ_TYPES", "spectral_cap", "spectral_normalize",
 ]
