@@ -1,4 +1,4 @@
-r"""The ``weight_constraint`` group option of every :class:`~matrixopt.optim._common.MatrixOptimizer`.
+r"""The ``weight_constraint`` group option of every ``MatrixOptimizer``.
 
 After a group's step, each of its parameters with ≥ 2 dims (seen as matrices by
 :func:`~matrixopt.optim._views.matrix_view`, the group's ``matrix_view`` if it has
