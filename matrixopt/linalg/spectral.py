@@ -107,7 +107,8 @@ def _gram_and_bound(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``A = XᵀX``, ``A²`` and the Schatten-8 norm ``‖A²‖_F^{1/4} ≥ σ₁(X)`` (``[..., 1, 1]``)."""
     A = X.mT @ X
     A2 = A @ A
-    s8 = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True).sqrt().sqrt()
+    acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+    s8 = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True, dtype=acc).sqrt().sqrt()
     return A, A2, s8
 
 
@@ -126,8 +127,9 @@ def spectral_cap(W: Tensor, max_sv: float | Tensor = 1.0, *, soft: bool = False,
         W: real floating tensor ``[..., m, n]`` (batched over the leading dims).
         max_sv: the cap, a number > 0 or a tensor broadcastable to ``W.shape[:-2]``.
         soft: soft cap instead of the hard cap.
-        dtype: dtype the polynomial steps run in (default ``W``'s; the bound and
-            the scalars are computed in float32, float64 for float64 input).
+        dtype: dtype the polynomial steps and the Gram of the bound run in (default
+            ``W``'s; norms and scalars are accumulated in float32, float64 for float64
+            input; the bound gets a relative margin of 2 ulps of ``dtype``).
 
     Returns:
         a new tensor like ``W``.
@@ -135,36 +137,40 @@ def spectral_cap(W: Tensor, max_sv: float | Tensor = 1.0, *, soft: bool = False,
     W = check_matrix(W, "W")
     work = check_dtype(dtype) or W.dtype
     c = _max_sv(max_sv, W)
-    acc = c.dtype
     X, transposed = _sides(W)
-    X = X.to(acc) / c
+    X = X.to(work)
+    # everything in the units of W (no full-matrix casts): the polynomial in x = σ/c is
+    # rewritten for σ, the scalars (b/c², c/c⁴, ...) are per-matrix tensors
     A, A2, s8 = _gram_and_bound(X)
+    # round-off of the Gram in the working dtype: a relative margin on the bound
+    s8 = s8 / c * (1 + 2 * torch.finfo(work).eps)  # ≥ σ₁/c
     inside = s8 <= 1
     if soft:
-        # units y = σ/(c·s8) ∈ [0, 1]; the bound used is k = min(s8, 1/0.7654) (a larger
-        # s8 is scaled down to it), so the target is p(1) = 1/k and the result is k·p(y)
+        # y = σ/(c·s8) ∈ [0, 1]; the bound used is k = min(s8, 1/0.7654) (a larger s8 is
+        # scaled down to it): target p(1) = 1/k, result c·k·p(y), i.e. Y' = (k/s8)·W and
+        # the coefficient a/(c·k)² in W's units
         k = torch.clamp(s8, max=1.0 / _SOFT_RATIO)
         a = _soft_a(1.0 / k)
-        safe = torch.where(s8 > 0, s8, 1.0)
-        Y = _soft_poly((X / safe).to(work), (A / safe**2).to(work), a.to(work))
-        Y = Y.to(acc) * k
+        f = torch.where(s8 > 0, k / s8, 1.0)
+        Y = _soft_poly(X * f.to(work), A * (f**2).to(work), (a / (c * k) ** 2).to(work))
     else:
         shrink = torch.clamp(HARD_CAP_DOMAIN / s8, max=1.0)
-        X, A, A2 = X * shrink, A * shrink**2, A2 * shrink**4
-        Y = _hard_poly(X.to(work), A.to(work), A2.to(work))
-        Y = Y.to(acc)
-    Y = (Y * c).to(W.dtype)
+        Y = _hard_poly(X * shrink.to(work), A * (shrink**2).to(work),
+                       A2 * (shrink**4).to(work), c)
+    Y = Y.to(W.dtype)
     if transposed:
         Y = Y.mT
     return torch.where(inside, W, Y)
 
 
-def _hard_poly(X: Tensor, A: Tensor, A2: Tensor) -> Tensor:
+def _hard_poly(X: Tensor, A: Tensor, A2: Tensor, c: Tensor) -> Tensor:
+    """:data:`HARD_CAP` on ``X`` in the units of ``W`` (cap ``c``): ``b → b/c²``, ``c → c/c⁴``."""
+    inv2 = (1.0 / c**2)
     for i, (a, b, cc) in enumerate(HARD_CAP):
         if i:
             A = X.mT @ X
             A2 = A @ A
-        B = b * A + cc * A2
+        B = (b * inv2).to(X.dtype) * A + (cc * inv2**2).to(X.dtype) * A2
         X = a * X + X @ B
     return X
 
@@ -184,7 +190,7 @@ def _soft_a(r: Tensor) -> Tensor:
 
 
 def _soft_poly(X: Tensor, A: Tensor, a: Tensor) -> Tensor:
-    """``Q = X − aX·A``, then ``Q + aQ·(QᵀQ)`` (``x`` in units of the bound)."""
+    """``Q = X − aX·A``, then ``Q + aQ·(QᵀQ)`` (``a`` already in ``X``'s units)."""
     Q = X - a * (X @ A)
     return Q + a * (Q @ (Q.mT @ Q))
 

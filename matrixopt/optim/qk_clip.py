@@ -150,7 +150,8 @@ class QKClip:
     r"""Per-head QK-clip (MuonClip) for any optimizer; see the module docstring.
 
     Args:
-        tau: the logit threshold τ > 0 (K2: 100).
+        tau: the logit threshold τ > 0 (K2: 100); ``math.inf`` records the maxima
+            (``last_max``, :meth:`max_logit`) without ever clipping.
         process_group: the group whose ranks see different data (DDP/FSDP2) and
             hold the same heads; the maxima are all-reduced (MAX) over it once
             per step. ``None`` (default): the default group when
@@ -164,9 +165,8 @@ class QKClip:
     """
 
     def __init__(self, tau: float = 100.0, *, process_group: Any | None = None) -> None:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (
-                math.isfinite(tau) and tau > 0):
-            raise ValueError(f"QKClip: tau must be a finite number > 0, got {tau!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+            raise ValueError(f"QKClip: tau must be a number > 0 (inf: record only), got {tau!r}")
         self.tau = float(tau)
         self.process_group = process_group
         self._layers: dict[Any, _Layer] = {}

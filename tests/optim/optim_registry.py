@@ -143,7 +143,8 @@ _GALORE = {"lr": 1e-2, "rank": 2, "update_proj_gap": 3, "stagger": 1}
 _GALORE_AF = {"rank": 2, "update_proj_gap": 3, "stagger": 1}
 
 def _capped(kind: str, max_sv: float) -> Callable[[nn.Module], Any]:
-    """Groups with the base-class weight constraint on the matrices (issue 17 item 4)."""
+    """Groups with the base-class weight constraint on the matrices (issue 17 item 4); a
+    cap above the initial weights' Schatten-8 norms, so lr = 0 leaves them unchanged."""
     def params(model: nn.Module) -> Any:
         mats = [p for p in model.parameters() if p.ndim >= 2]
         rest = [p for p in model.parameters() if p.ndim < 2]
@@ -202,11 +203,11 @@ REGISTRY: list[OptimInfo] = [
               {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
     OptimInfo("adafactor-conv", Adafactor, {"lr": 1e-2, "relative_step": False}, problem="conv"),
     # -- weight constraints (base class, issue 17) ----------------------------
-    OptimInfo("muon-spectral-cap", Muon, {"lr": 0.02}, params=_capped("spectral_cap", 0.8)),
+    OptimInfo("muon-spectral-cap", Muon, {"lr": 0.02}, params=_capped("spectral_cap", 2.0)),
     OptimInfo("muon-spectral-soft-cap", Muon, {"lr": 0.02},
-              params=_capped("spectral_soft_cap", 0.8)),
+              params=_capped("spectral_soft_cap", 2.0)),
     OptimInfo("adafactor-spectral-cap", Adafactor, {"lr": 1e-2, "relative_step": False},
-              params=_capped("spectral_cap", 0.8)),
+              params=_capped("spectral_cap", 2.0)),
 ]
 
 _names = [i.name for i in REGISTRY]

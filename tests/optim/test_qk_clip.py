@@ -272,7 +272,7 @@ def test_muon_wiring() -> None:
 
 
 def test_errors_name_the_value() -> None:
-    with pytest.raises(ValueError, match=r"tau must be a finite number > 0, got -1"):
+    with pytest.raises(ValueError, match=r"tau must be a number > 0 \(inf: record only\), got -1"):
         QKClip(tau=-1)
     clip = QKClip()
     lin = nn.Linear(8, 8)
