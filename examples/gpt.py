@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +73,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d, bias=False)
         self.fc_proj = nn.Linear(4 * d, d, bias=False)
+        self.qk_clip: Any = None  # a matrixopt.optim.QKClip records this block's logits
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         h = self.ln1(x)
         q, k, v = (m(h).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for m in (self.q, self.k, self.v))
+        if self.qk_clip is not None:  # QK-clip: the per-head max logit of this call
+            self.qk_clip.record(self, q, k, causal=True)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, C))
         return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))

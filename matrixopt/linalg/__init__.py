@@ -34,6 +34,7 @@ from .projectors import (
     projection_side,
     transport_moments,
 )
+from .spectral import spectral_cap, spectral_normalize
 from .svd import randomized_svd, subspace_iteration
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "auon", "hybrid_auon", "racs", "OPERATORS",
     "nystrom", "NystromResult", "lowrank_split", "LowRankSplit", "lowrank_split_model",
     "SPLIT_METHODS",
+    "transport_moments", "BASIS_METHODS", "PROJ_TYPES", "spectral_cap", "spectral_normalize",
 ]

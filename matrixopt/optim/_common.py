@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._constraint import WEIGHT_CONSTRAINTS, apply_weight_constraint
 from ._dist import Single, Strategy, resolve_strategy
 from ._nonfinite import StepFlags
 
@@ -161,6 +162,8 @@ class MatrixOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
                  process_group: Any | None = None) -> None:
         self._process_group = process_group
+        # every optimizer's weight-constraint option (:mod:`._constraint`), group keys
+        defaults = {"weight_constraint": None, "max_sv": 1.0, **defaults}
         super().__init__(params, defaults)
         self._resolve_strategy()
 
@@ -203,6 +206,9 @@ class MatrixOptimizer(Optimizer):
         check = _GroupChecker(group, index, type(self).__name__)
         if "nonfinite" in group:
             check.choice("nonfinite", NONFINITE_POLICIES)
+        if "weight_constraint" in group:
+            check.choice("weight_constraint", WEIGHT_CONSTRAINTS)
+            check.number("max_sv", low=0.0, low_open=True)
         self._check_group(check)
         if "_strategy" in self.__dict__:  # after construction: re-check the parallelism
             previous = self._strategy
@@ -241,6 +247,11 @@ class MatrixOptimizer(Optimizer):
         self._strategy = resolve_strategy(
             type(self).__name__, [p for g in self.param_groups for p in g["params"]],
             self.__dict__.get("_process_group"))
+        for i, g in enumerate(self.param_groups):
+            if self._strategy.sharded and g.get("weight_constraint") is not None:
+                raise GroupError(f"{type(self).__name__}: param_groups[{i}]: weight_constraint="
+                                 f"{g['weight_constraint']!r} needs whole matrices; it is not "
+                                 f"supported with FSDP2 (DTensor) parameters")
         self._check_strategy()
 
     def _check_strategy(self) -> None:
@@ -309,6 +320,7 @@ class MatrixOptimizer(Optimizer):
                 self._raise_on_nonfinite(index, group, params)
         for index, group, params in selected:
             self._step_group(index, group, params)
+            apply_weight_constraint(group, params)
 
     def _flags(self, group: dict[str, Any], grads: Sequence[Tensor]) -> StepFlags:
         """The group's skip flags for these (local) gradients (off unless

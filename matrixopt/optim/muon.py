@@ -172,6 +172,8 @@ class Muon(MatrixOptimizer):
         state_dtype: storage of ``momentum_buffer`` and the AdamW moments:
             ``None`` (default: the parameter's dtype), ``"fp32"``, ``"bf16"`` or
             ``"int8"`` (block-wise 8-bit, see :mod:`matrixopt.optim._state`).
+        qk_clip: a :class:`~matrixopt.optim.QKClip` to run after every step
+            (MuonClip, Kimi K2; not a group key): same as ``qk_clip.hook(opt)``.
 
     State per Muon parameter: ``momentum_buffer`` (torch.optim.Muon's key, so its
     checkpoints load) and, with NorMuon, ``normuon_v``; per AdamW parameter:
@@ -207,6 +209,7 @@ class Muon(MatrixOptimizer):
         process_group: Any | None = None,
         nonfinite: str = "skip",
         state_dtype: str | None = None,
+        qk_clip: Any | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -218,6 +221,8 @@ class Muon(MatrixOptimizer):
             state_dtype=state_dtype,
         )
         super().__init__(params, defaults, process_group)
+        if qk_clip is not None:  # MuonClip: QK-clip after every step (not a group key)
+            qk_clip.hook(self)
 
     def _check_strategy(self) -> None:
         if not self._strategy.sharded:

@@ -142,6 +142,17 @@ class OptimInfo:
 _GALORE = {"lr": 1e-2, "rank": 2, "update_proj_gap": 3, "stagger": 1}
 _GALORE_AF = {"rank": 2, "update_proj_gap": 3, "stagger": 1}
 
+def _capped(kind: str, max_sv: float) -> Callable[[nn.Module], Any]:
+    """Groups with the base-class weight constraint on the matrices (issue 17 item 4); a
+    cap above the initial weights' Schatten-8 norms, so lr = 0 leaves them unchanged."""
+    def params(model: nn.Module) -> Any:
+        mats = [p for p in model.parameters() if p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        return [{"params": mats, "weight_constraint": kind, "max_sv": max_sv},
+                {"params": rest}]
+    return params
+
+
 REGISTRY: list[OptimInfo] = [
     # -- Muon ---------------------------------------------------------------
     OptimInfo("muon-default", Muon, {"lr": 0.02}),
@@ -201,6 +212,12 @@ REGISTRY: list[OptimInfo] = [
               params=muon_param_groups),
     OptimInfo("dion-conv", Dion, {"lr": 0.02}, problem="conv"),
     OptimInfo("dion-3d-experts", Dion, {"lr": 0.02, "rank_fraction": 0.5}, problem="experts"),
+    # -- weight constraints (base class, issue 17) ----------------------------
+    OptimInfo("muon-spectral-cap", Muon, {"lr": 0.02}, params=_capped("spectral_cap", 2.0)),
+    OptimInfo("muon-spectral-soft-cap", Muon, {"lr": 0.02},
+              params=_capped("spectral_soft_cap", 2.0)),
+    OptimInfo("adafactor-spectral-cap", Adafactor, {"lr": 1e-2, "relative_step": False},
+              params=_capped("spectral_cap", 2.0)),
 ]
 
 _names = [i.name for i in REGISTRY]
