@@ -12,6 +12,7 @@ from .coefficients import (
     polar_express_coefficients,
     resolve_coefficients,
 )
+from .eigenbasis import eigh_basis, eigh_refresh, permute_dim
 from .norms import spectral_norm
 from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
 from .polar_decomposition import POLAR_METHODS, PolarResult, polar, select_polar_method
@@ -34,4 +35,5 @@ __all__ = [
     "randomized_svd", "subspace_iteration", "spectral_norm",
     "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
+    "eigh_basis", "eigh_refresh", "permute_dim",
 ]
