@@ -12,10 +12,11 @@ from .galore import GaLoreAdafactor, GaLoreAdamW
 from .layerwise import LayerwiseStepper
 from .memory import MemoryReport, memory_report
 from .muon import ADJUST_LR_MODES, Muon, muon_update_scale
+from .soap import SOAP, soap_param_groups
 from .routing import ParamGroups, Route, galore_param_groups, muon_param_groups
 
 __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
            "galore_param_groups", "muon_update_scale", "ParamGroups", "Route",
            "ADJUST_LR_MODES", "GroupError", "NonFiniteGradientError", "CheckpointError",
            "merge_state_dicts", "from_hf_adafactor", "from_torch_adafactor", "LayerwiseStepper",
-           "memory_report", "MemoryReport"]
+           "memory_report", "MemoryReport", "SOAP", "soap_param_groups"]
