@@ -334,7 +334,7 @@ class SOAP(MatrixOptimizer):
             bases[j][k] = fl.select(j, Qn.to(Qold.dtype), Qold)
             perm = fl.select(j, perm, ident)
             perms.setdefault(j, [None] * len(dims[run[j]]))[k] = perm
-            bad = ~(_usable_factor(facs[j][n]) & torch.isfinite(Qn).all())
+            bad = (_usable_factor(facs[j][n]) & torch.isfinite(Qn).all()).logical_not()
             if fl.active:
                 bad = bad & fl.ok[j]  # type: ignore[index]
             _count_fallback(states[j], bad)
@@ -370,7 +370,7 @@ class SOAP(MatrixOptimizer):
                 for key, val in ((f"factor_{k}", P), (f"basis_{k}", Qn)):
                     init_moment(s, key, val, sd, signed=True)
                     store_moment(s, key, val, sd, signed=True)
-                bad = ~okn
+                bad = okn.logical_not()
                 if flags.active:
                     bad = bad & flags.ok[i]  # type: ignore[index]
                 _count_fallback(s, bad)
