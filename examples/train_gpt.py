@@ -59,12 +59,17 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
     if name == "adafactor":
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False)
+    if name == "soap":
+        from matrixopt.optim import SOAP, soap_param_groups
+        return SOAP(soap_param_groups(model), lr=lr, weight_decay=weight_decay,
+                    betas=(0.9, 0.95), precondition_frequency=10)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE}")
 
 
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
+AVAILABLE += ["soap"] if hasattr(matrixopt.optim, "SOAP") else []
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
