@@ -124,13 +124,21 @@ def eigh_refresh(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ok = _usable(A)
     Qw = Q.to(dt)
     Aw = torch.where(ok[..., None, None], A.to(dt), torch.zeros((), dtype=dt, device=A.device))
-    AQ = Aw @ Qw
-    rayleigh = (Qw * AQ).sum(dim=-2)
+    # (A Q)^T = Q^T A (A symmetric): the columns of A Q as contiguous rows, so the
+    # column permutation is a row gather (index_select), not an elementwise gather
+    Qt = Qw.mT.contiguous()
+    QtA = Qt @ Aw
+    rayleigh = (QtA * Qt).sum(dim=-1)
     perm = torch.argsort(rayleigh, dim=-1, descending=True, stable=True)
-    idx = perm.unsqueeze(-2).expand(Qw.shape)
-    Qp = torch.take_along_dim(Qw, idx, dim=-1)
-    Qn = torch.linalg.qr(torch.take_along_dim(AQ, idx, dim=-1)).Q
-    dots = (Qn * Qp).sum(dim=-2, keepdim=True)
+    d = A.shape[-1]
+    base = torch.arange(perm.numel() // d, device=perm.device) * d
+    rows = (perm + base.view(*perm.shape[:-1], 1)).reshape(-1)
+
+    def pick(X: Tensor) -> Tensor:  # rows of every matrix of X reordered by perm
+        return torch.index_select(X.reshape(-1, d), 0, rows).view(X.shape)
+
+    Qn = torch.linalg.qr(pick(QtA).mT).Q
+    dots = (Qn.mT * pick(Qt)).sum(dim=-1).unsqueeze(-2)
     Qn = Qn * torch.where(dots < 0, -1.0, 1.0).to(dt)
     ok = ok & torch.isfinite(Qn).flatten(-2).all(dim=-1)
     Qn = torch.where(ok[..., None, None], Qn, Qw)

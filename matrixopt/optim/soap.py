@@ -36,6 +36,7 @@ from .functional.soap import (
     permute_moment_,
     preconditioned_dims,
     soap_factors_,
+    soap_rebase_,
     soap_updates_,
 )
 
@@ -121,8 +122,8 @@ class SOAP(MatrixOptimizer):
             float32), ``"fp32"``, ``"bf16"`` or ``"int8"`` (moments, factors and
             bases all stored so; computed in float32).
 
-    State per SOAP tensor: ``step`` (CPU float32), ``exp_avg`` (original space),
-    ``exp_avg_sq`` (rotated space), ``factor_k`` / ``basis_k`` per preconditioned
+    State per SOAP tensor: ``step`` (CPU float32), ``exp_avg`` and ``exp_avg_sq`` (both in the
+    rotated space), ``factor_k`` / ``basis_k`` per preconditioned
     (merged) dim ``k``, ``refresh_fallbacks``. A non-finite or all-zero factor
     never yields NaN: its basis stays (or is the identity) and the fallback is
     counted. The first step of a tensor only builds its factors and bases.
@@ -234,18 +235,30 @@ class SOAP(MatrixOptimizer):
         start = min(st.rank * chunk, p.shape[0] - counts[st.rank])
         return x[start:start + counts[st.rank]]
 
-    def _refresh(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """Refreshed (basis; permutation matrix) of every (factor, basis), batched per size;
-        split over the ranks under DDP / FSDP2."""
+    def _refresh(self, pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """``(new basis, permutation)`` of every ``(factor, basis)``: one batched
+        :func:`~matrixopt.linalg.eigh_refresh` per size; under DDP / FSDP2 the work is
+        split over the ranks (LPT by size) and all-gathered, packed as
+        ``(factor; basis) → (basis; permutation matrix)``."""
         st = self._strategy
+        if st.world == 1:
+            out: list[tuple[Tensor, Tensor] | None] = [None] * len(pairs)
+            buckets: dict[tuple[Any, ...], list[int]] = {}
+            for i, (P, _) in enumerate(pairs):
+                buckets.setdefault((P.shape[0], P.dtype, P.device), []).append(i)
+            for idx in buckets.values():
+                Qn, perm, _ = eigh_refresh(torch.stack([pairs[i][0] for i in idx]),
+                                           torch.stack([pairs[i][1] for i in idx]))
+                for i, q, pm in zip(idx, Qn.unbind(0), perm.unbind(0)):
+                    out[i] = (q, pm)
+            return out  # type: ignore[return-value]
         packed = [_pack(P, Q) for P, Q in pairs]
         views = [(1, X.shape[0], X.shape[1]) for X in packed]
-        shapes = [X.shape for X in packed]
-        ctx: DistContext | None = None
-        if st.world > 1:
-            c = st.ctx  # type: ignore[attr-defined]
-            ctx = DistContext("ddp", c.group, c.world, c.rank)  # whole (replicated) inputs
-        return distributed_orthogonalize(ctx, packed, views, shapes, _refresh_packed)
+        c = st.ctx  # type: ignore[attr-defined]
+        ctx = DistContext("ddp", c.group, c.world, c.rank)  # whole (replicated) inputs
+        res = distributed_orthogonalize(ctx, packed, views, [X.shape for X in packed],
+                                        _refresh_packed)
+        return [(X[:X.shape[1]], X[X.shape[1]:].argmax(dim=0)) for X in res]
 
     def _soap(self, group: dict[str, Any], keys: list[Tensor], params: list[Tensor],
               grads: list[Tensor], lr: float, wd: float, flags: StepFlags) -> None:
@@ -299,7 +312,7 @@ class SOAP(MatrixOptimizer):
         due = [j for j, i in enumerate(run) if (int(states[j]["step"].item())
                + (self._position(group, keys[i]) if group["stagger_refresh"] else 0)) % f == 0]
         if due:
-            self._apply_refresh(due, run, states, facs, bases, vs, dims, shapes, fl)
+            self._apply_refresh(due, run, states, facs, bases, ms, vs, dims, shapes, fl)
         for j, (s, i) in enumerate(zip(states, run)):
             store_moment(s, "exp_avg", ms[j], sd, signed=True)
             store_moment(s, "exp_avg_sq", vs[j], sd, signed=False)
@@ -314,8 +327,8 @@ class SOAP(MatrixOptimizer):
         return next(j for j, q in enumerate(group["params"]) if q is p)
 
     def _apply_refresh(self, due: list[int], run: list[int], states: list[dict[str, Any]],
-                       facs: list[list[Tensor]], bases: list[list[Any]], vs: list[Tensor],
-                       dims: list[list[bool]], shapes: list[tuple[int, ...]],
+                       facs: list[list[Tensor]], bases: list[list[Any]], ms: list[Tensor],
+                       vs: list[Tensor], dims: list[list[bool]], shapes: list[tuple[int, ...]],
                        fl: StepFlags) -> None:
         jobs: list[tuple[int, int, int]] = []  # (j, dim k, index in facs[j])
         for j in due:
@@ -325,11 +338,10 @@ class SOAP(MatrixOptimizer):
             return
         out = self._refresh([(facs[j][n], bases[j][k]) for j, k, n in jobs])
         perms: dict[int, list[Tensor | None]] = {}
-        for (j, k, n), X in zip(jobs, out):
-            d = X.shape[-1]
-            Qn, onehot = X[:d], X[d:]
+        old = {j: list(bases[j]) for j in due}
+        for (j, k, n), (Qn, perm) in zip(jobs, out):
+            d = Qn.shape[-1]
             Qold = bases[j][k]
-            perm = onehot.argmax(dim=0)
             ident = torch.arange(d, device=perm.device)
             bases[j][k] = fl.select(j, Qn.to(Qold.dtype), Qold)
             perm = fl.select(j, perm, ident)
@@ -340,6 +352,10 @@ class SOAP(MatrixOptimizer):
             _count_fallback(states[j], bad)
         for j, ps in perms.items():
             permute_moment_(vs[j], ps, shapes[run[j]])
+            m = ms[j].clone() if fl.active else ms[j]
+            soap_rebase_(m, old[j], bases[j], shapes[run[j]])
+            if fl.active:  # a skipped step keeps M' bit for bit
+                ms[j].copy_(fl.select(j, m, ms[j]))
 
     def _init(self, new: list[int], keys: list[Tensor], full: list[Tensor],
               shapes: list[tuple[int, ...]], dims: list[list[bool]], sb: float,

@@ -8,24 +8,27 @@ per preconditioned dim :math:`k`, :math:`\mathcal{R}(X) = X \times_k Q_k`
 :math:`\mathcal{R}^{-1}(X) = X \times_k Q_k^\top`:
 
 .. math::
-    G' &= \mathcal{R}(G), \qquad M \leftarrow \beta_1 M + (1-\beta_1) G,\qquad
+    G' &= \mathcal{R}(G), \qquad M' \leftarrow \beta_1 M' + (1-\beta_1) G',\qquad
     V \leftarrow \beta_2 V + (1-\beta_2)\, G'\odot G' \\
-    U &= \mathcal{R}^{-1}\!\big(\mathcal{R}(M) \oslash (\sqrt V + \epsilon)\big),\quad
+    U &= \mathcal{R}^{-1}\!\big(M' \oslash (\sqrt V + \epsilon)\big),\quad
     W \leftarrow \big(W - \eta\,\tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,U\big)(1-\eta\lambda) \\
     P_k &\leftarrow \beta_s P_k + (1-\beta_s)\, G_{(k)} G_{(k)}^\top
     \quad\text{(after the weight step; every } f \text{ steps } Q_k \text{ is
-    refreshed and } V \text{ permuted alike)}
+    refreshed, } V \text{ permuted alike and } M' \text{ re-expressed in the new basis)}
 
-:math:`M` is kept in the original space (the paper's form; the current official
-code stores it rotated and rotates it back and forth around each factor update:
-identical in exact arithmetic, one rotation pair more per step). The first call
-only initialises :math:`P_k` and :math:`Q_k = \operatorname{eigh}(P_k)`; the
-weights are not touched and the step counter stays 0.
+The momentum :math:`M'` lives in the rotated space, as in the current official
+code; but where that code rotates it back and forth around *every* factor update,
+here it is re-expressed only when a basis changes (:func:`soap_rebase_`, every
+``f`` steps): identical in exact arithmetic, two rotations per step instead of
+four. The first call only initialises :math:`P_k` and
+:math:`Q_k = \operatorname{eigh}(P_k)`; the weights are not touched and the step
+counter stays 0.
 
 Cost per step and tensor of shape :math:`d_1\times\dots\times d_r` with
-:math:`N = \prod d_k`: three rotations and the factor products, about
-:math:`8N\sum_k d_k` flops; a refresh adds one matmul and one QR per factor
-(:func:`~matrixopt.linalg.eigh_refresh`).
+:math:`N = \prod d_k`: two rotations and the factor products, about
+:math:`6N\sum_k d_k` flops (the official code: :math:`10N\sum_k d_k`); a refresh
+adds one matmul and one QR per factor (:func:`~matrixopt.linalg.eigh_refresh`)
+and two rotations of :math:`M'`.
 
 ``flags`` (:class:`~matrixopt.optim._nonfinite.StepFlags`) folds the
 ``nonfinite="skip"`` policy into every write (gradients must be the flags' safe
@@ -45,7 +48,7 @@ from .._nonfinite import StepFlags
 from .adam import bias_corrections
 
 __all__ = ["merged_shape", "preconditioned_dims", "rotate", "factor_products", "soap_updates_",
-           "soap_factors_", "permute_moment_"]
+           "soap_factors_", "permute_moment_", "soap_rebase_"]
 
 _OFF = StepFlags.off()
 Bases = Sequence[Tensor | None]
@@ -122,20 +125,20 @@ def soap_updates_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list
     (1 without ``correct_bias``), zero for skipped entries.
 
     ``grads``, ``exp_avgs``, ``exp_avg_sqs`` share one shape per entry and dtype
-    (float32/float64); ``shapes[i]`` is the merged shape the bases act on.
+    (float32/float64); both moments are in the rotated space; ``shapes[i]`` is the
+    merged shape the bases act on.
     """
     if not grads:
         return [], []
     torch._foreach_add_(steps, 1.0)
     rot = [rotate(g.reshape(s), b).reshape(g.shape) for g, b, s in zip(grads, bases, shapes)]
-    flags.lerp_(exp_avgs, grads, 1.0 - beta1)
+    flags.lerp_(exp_avgs, rot, 1.0 - beta1)
     flags.mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, rot, rot, 1.0 - beta2)
     del rot
     updates: list[Tensor] = []
     for m, v, b, s in zip(exp_avgs, exp_avg_sqs, bases, shapes):
-        N = rotate(m.reshape(s), b).reshape(m.shape) / (v.sqrt() + eps)
-        U = rotate(N.reshape(s), b, back=True).reshape(m.shape)
+        U = rotate((m / (v.sqrt() + eps)).reshape(s), b, back=True).reshape(m.shape)
         if normalize_grads:
             U = U / (1e-30 + U.square().mean().sqrt())
         updates.append(U)
@@ -166,3 +169,11 @@ def permute_moment_(v: Tensor, perms: Sequence[Tensor | None], shape: tuple[int,
         if p is not None:
             x = torch.index_select(x, k, p)
     v.copy_(x.reshape(v.shape))
+
+
+def soap_rebase_(exp_avg: Tensor, old: Bases, new: Bases, shape: tuple[int, ...]) -> None:
+    r"""Re-express the rotated momentum in refreshed bases in place:
+    :math:`M' \leftarrow \mathcal{R}_{new}(\mathcal{R}_{old}^{-1}(M'))` (entries of
+    ``new`` that are ``None`` are unchanged dims)."""
+    x = rotate(exp_avg.reshape(shape), old, back=True)
+    exp_avg.copy_(rotate(x, new).reshape(exp_avg.shape))
