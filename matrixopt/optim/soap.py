@@ -311,6 +311,7 @@ class SOAP(MatrixOptimizer):
         del prods
         due = [j for j, i in enumerate(run) if (int(states[j]["step"].item())
                + (self._position(group, keys[i]) if group["stagger_refresh"] else 0)) % f == 0]
+        due_set = set(due)
         if due:
             self._apply_refresh(due, run, states, facs, bases, ms, vs, dims, shapes, fl)
         for j, (s, i) in enumerate(zip(states, run)):
@@ -319,8 +320,9 @@ class SOAP(MatrixOptimizer):
             ks = [k for k, on in enumerate(dims[i]) if on]
             for k, P in zip(ks, facs[j]):
                 store_moment(s, f"factor_{k}", P, sd, signed=True)
-            for k in ks:
-                store_moment(s, f"basis_{k}", bases[j][k], sd, signed=True)  # type: ignore[arg-type]
+            if j in due_set:  # a basis changes only at its refresh
+                for k in ks:
+                    store_moment(s, f"basis_{k}", bases[j][k], sd, signed=True)  # type: ignore[arg-type]
 
     @staticmethod
     def _position(group: dict[str, Any], p: Tensor) -> int:
