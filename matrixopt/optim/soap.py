@@ -193,7 +193,7 @@ class SOAP(MatrixOptimizer):
                 soap_p.append(p)
             else:
                 if "exp_avg" not in self.state[p]:
-                    init_adam_state(self.state[p], st.local(p), group["state_dtype"])
+                    init_adam_state(self.state[p], p, group["state_dtype"])
                 adam_p.append(p)
         ordered = soap_p + adam_p
         local_p = [st.local(p) for p in ordered]
