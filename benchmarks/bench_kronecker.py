@@ -157,7 +157,7 @@ def run(name: str, a: argparse.Namespace, data: CharData) -> dict[str, Any]:
             cpu += time.process_time() - c0
         sched.step()
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            curve.append((step + 1, float(loss), evaluate(model, val)))
+            curve.append((step + 1, float(loss.detach()), evaluate(model, val)))
     timed = a.steps - a.untimed
     return {"optimizer": name, "val_loss": curve[-1][2], "step_ms": 1e3 * wall / timed,
             "step_cpu_ms": 1e3 * cpu / timed, "state_MB": state_bytes(opt) / 2**20,

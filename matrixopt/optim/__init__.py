@@ -12,8 +12,8 @@ from .galore import GaLoreAdafactor, GaLoreAdamW
 from .layerwise import LayerwiseStepper
 from .memory import MemoryReport, memory_report
 from .muon import ADJUST_LR_MODES, Muon, muon_update_scale
-from .soap import SOAP, soap_param_groups
 from .routing import ParamGroups, Route, galore_param_groups, muon_param_groups
+from .soap import SOAP, soap_param_groups
 
 __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
            "galore_param_groups", "muon_update_scale", "ParamGroups", "Route",

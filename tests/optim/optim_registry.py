@@ -20,8 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
-from matrixopt.optim import SOAP, soap_param_groups
+from matrixopt.optim import (
+    SOAP,
+    Adafactor,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    Muon,
+    muon_param_groups,
+    soap_param_groups,
+)
 
 # ---------------------------------------------------------------------------
 # Problems

@@ -137,7 +137,7 @@ def test_soap_matches_dense_float64_reference(case):
         opt.step()
         for p, w in zip(params, Wr):
             torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-11,
-                                       msg=lambda m: f"{case} step {t}: {m}")
+                                       msg=lambda m, t=t: f"{case} step {t}: {m}")
     assert all(float(opt.state[p]["step"]) == steps - 1 for p in params)
     assert all(int(opt.state[p][REFRESH_FALLBACKS]) == 0 for p in params)
     # the second moment is the official one (rotated space, permuted at each refresh)

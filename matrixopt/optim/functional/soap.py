@@ -116,7 +116,7 @@ def factor_products(x: Tensor, dims: Sequence[bool]) -> list[Tensor | None]:
 
 
 def soap_updates_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                  bases: list[Bases], steps: list[Tensor], shapes: list[tuple[int, ...]], *,
+                  bases: Sequence[Bases], steps: list[Tensor], shapes: list[tuple[int, ...]], *,
                   beta1: float, beta2: float, eps: float, correct_bias: bool,
                   normalize_grads: bool, flags: StepFlags = _OFF) -> tuple[list[Tensor],
                                                                           list[Any]]:
