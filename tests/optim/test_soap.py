@@ -342,3 +342,16 @@ def test_merged_shape_and_rotate_helpers():
     Q = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q
     torch.testing.assert_close(rotate(x, [None, Q]), x @ Q)
     torch.testing.assert_close(rotate(rotate(x, [None, Q]), [None, Q], back=True), x)
+
+
+def test_docs_list_every_group_key_with_its_default():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
+    section = text.split("\n## SOAP\n", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE))
+    defaults = SOAP([torch.nn.Parameter(torch.zeros(2, 2))]).defaults
+    assert set(rows) == set(defaults)
+    for key, cell in rows.items():
+        assert eval(cell) == defaults[key], key
