@@ -104,6 +104,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         return matrixopt.optim.Dion(muon_param_groups(model), lr=lr, weight_decay=weight_decay,
                                     betas=(0.9, 0.95), rank_fraction=0.25,
                                     adjust_lr="match_rms_adamw", **sd)
+    if name == "soap":
+        from matrixopt.optim import SOAP, soap_param_groups
+        return SOAP(soap_param_groups(model), lr=lr, weight_decay=weight_decay,
+                    betas=(0.9, 0.95), precondition_frequency=10, **sd)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE + EXTRA}")
 
 
@@ -112,6 +116,7 @@ MUON_OPERATORS = {"muon_auon": "auon", "muon_hybrid_auon": "hybrid_auon", "muon_
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
+AVAILABLE += ["soap"]
 #: opt-in configurations (not in the default comparison)
 EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion"]
 #: LISA (matrixopt.optim.LISA) in "adamw_lisa": 2 of the blocks trainable, resampled

@@ -20,6 +20,7 @@ from .lowrank_init import (
     lowrank_split_model,
     nystrom,
 )
+from .eigenbasis import eigh_basis, eigh_refresh, permute_dim
 from .norms import spectral_norm
 from .operators import OPERATORS, auon, hybrid_auon, racs
 from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method
@@ -48,4 +49,5 @@ __all__ = [
     "nystrom", "NystromResult", "lowrank_split", "LowRankSplit", "lowrank_split_model",
     "SPLIT_METHODS",
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES", "spectral_cap", "spectral_normalize",
+    "eigh_basis", "eigh_refresh", "permute_dim",
 ]

@@ -20,7 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from matrixopt.optim import Adafactor, Dion, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
+from matrixopt.optim import (
+    SOAP,
+    Adafactor,
+    Dion,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    Muon,
+    muon_param_groups,
+    soap_param_groups,
+)
 
 # ---------------------------------------------------------------------------
 # Problems
@@ -218,6 +227,18 @@ REGISTRY: list[OptimInfo] = [
               params=_capped("spectral_soft_cap", 2.0)),
     OptimInfo("adafactor-spectral-cap", Adafactor, {"lr": 1e-2, "relative_step": False},
               params=_capped("spectral_cap", 2.0)),
+    # -- SOAP (a refresh every 3 steps, so resume crosses one) ----------------
+    OptimInfo("soap-default", SOAP, {"lr": 1e-2, "precondition_frequency": 3}),
+    OptimInfo("soap-param-groups", SOAP, {"lr": 1e-2, "precondition_frequency": 3},
+              params=soap_param_groups),
+    OptimInfo("soap-one-sided-stagger", SOAP, {"lr": 1e-2, "precondition_frequency": 3,
+                                               "max_precond_dim": 8, "stagger_refresh": True}),
+    OptimInfo("soap-all-soap-1d", SOAP, {"lr": 1e-2, "precondition_frequency": 3,
+                                         "algorithm": "soap", "precondition_1d": True}),
+    OptimInfo("soap-conv-merge", SOAP, {"lr": 1e-2, "precondition_frequency": 3,
+                                        "merge_dims": True}, problem="conv"),
+    OptimInfo("soap-3d-experts", SOAP, {"lr": 1e-2, "precondition_frequency": 3},
+              problem="experts"),
 ]
 
 _names = [i.name for i in REGISTRY]
