@@ -35,3 +35,6 @@ __all__ = [
     "lowrank_basis", "project", "project_back", "projection_side", "basis_overlap",
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES",
 ]
+from .matrix_functions import INV_ROOT_METHODS, inv_root, newton_iterations, sherman_morrison
+
+__all__ += ["inv_root", "sherman_morrison", "newton_iterations", "INV_ROOT_METHODS"]
