@@ -19,3 +19,6 @@ __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_gr
            "ADJUST_LR_MODES", "GroupError", "NonFiniteGradientError", "CheckpointError",
            "merge_state_dicts", "from_hf_adafactor", "from_torch_adafactor", "LayerwiseStepper",
            "memory_report", "MemoryReport"]
+from .shampoo import Shampoo  # noqa: E402
+
+__all__ += ["Shampoo"]
