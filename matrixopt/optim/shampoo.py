@@ -42,7 +42,8 @@ from .functional.shampoo import (
 
 __all__ = ["Shampoo"]
 
-_ALGORITHMS = ("auto", "shampoo", "adamw")
+# "muon": what muon_param_groups writes for matrices (taken as "shampoo")
+_ALGORITHMS = ("auto", "shampoo", "muon", "adamw")
 _FACTORS = (("factor_L", "inv_root_L"), ("factor_R", "inv_root_R"))
 
 
@@ -86,7 +87,9 @@ class Shampoo(MatrixOptimizer):
         root_method: ``"eigh"`` (default) or ``"newton"`` (coupled Newton, matrix products
             only; needs integer roots ``1/e``), see :func:`matrixopt.linalg.inv_root`.
         newton_iters: fixed Newton iteration count (``None``: enough for κ ≤ 1e6).
-        algorithm: ``"auto"`` (≥ 2-D → Shampoo, else AdamW), ``"shampoo"``, ``"adamw"``.
+        algorithm: ``"auto"`` (≥ 2-D → Shampoo, else AdamW), ``"shampoo"``, ``"adamw"``;
+            ``"muon"`` means ``"shampoo"``, so the groups of
+            :func:`~matrixopt.optim.muon_param_groups` work unchanged.
         matrix_view: how > 2-D parameters become matrices (see
             :func:`~matrixopt.optim._views.matrix_view`; default ``"auto"``).
         adamw_betas, eps: the AdamW path's betas (default (0.9, 0.999)) and ε (1e-8).
@@ -186,7 +189,7 @@ class Shampoo(MatrixOptimizer):
             raise check.fail("exponent_override", "must give integer roots 1/e with "
                                                   "root_method='newton'; use 'eigh'")
         for p in g["params"]:
-            if g["algorithm"] == "shampoo" and p.ndim < 2:
+            if g["algorithm"] in ("shampoo", "muon") and p.ndim < 2:
                 raise GroupError(
                     f"Shampoo: param_groups[{check.index}]: algorithm 'shampoo' needs "
                     f"parameters with >= 2 dims, got one of shape {tuple(p.shape)}; use "
@@ -197,7 +200,7 @@ class Shampoo(MatrixOptimizer):
         alg = group["algorithm"]
         if alg == "auto":
             return "shampoo" if p.ndim >= 2 else "adamw"
-        return str(alg)
+        return "shampoo" if alg == "muon" else str(alg)
 
     @staticmethod
     def _hyper(group: dict[str, Any]) -> ShampooHyper:

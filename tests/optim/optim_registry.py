@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, Muon, muon_param_groups
+from matrixopt.optim import (
+    Adafactor,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    Muon,
+    Shampoo,
+    muon_param_groups,
+)
 
 # ---------------------------------------------------------------------------
 # Problems
@@ -191,6 +198,22 @@ REGISTRY: list[OptimInfo] = [
     OptimInfo("adafactor-weight-decay", Adafactor,
               {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
     OptimInfo("adafactor-conv", Adafactor, {"lr": 1e-2, "relative_step": False}, problem="conv"),
+    # -- Shampoo: a refresh every 3 steps from step 2 (refresh, stale and MKOR steps
+    # all run within each check's few steps)
+    *[OptimInfo(f"shampoo-{name}", Shampoo,
+                {"lr": 1e-2, "epsilon": 1e-4, "precondition_frequency": 3,
+                 "start_preconditioning_step": 2, **kw}, problem=problem)
+      for name, kw, problem in (
+          ("default", {}, "mlp"),
+          ("mkor", {"inverse_update": "mkor"}, "mlp"),
+          ("blocked-newton-rmsprop", {"max_preconditioner_dim": 3, "root_method": "newton",
+                                      "grafting": "rmsprop"}, "mlp"),
+          ("conv-adagrad-int8", {"betas": (0.9, 1.0), "grafting": "adagrad",
+                                 "state_dtype": "int8"}, "conv"),
+          ("3d-experts", {"inverse_update": "mkor", "max_preconditioner_dim": 4}, "experts"))],
+    OptimInfo("shampoo-param-groups", Shampoo,
+              {"lr": 1e-2, "epsilon": 1e-4, "precondition_frequency": 3},
+              params=muon_param_groups),
 ]
 
 _names = [i.name for i in REGISTRY]

@@ -170,7 +170,7 @@ def _refresh(F: Tensor, X: Tensor, e: float, bc: float, h: ShampooHyper,
     good = finite_f & torch.isfinite(cand).all(dim=(-2, -1))
     use = good if ok is None else good & ok
     X.copy_(torch.where(use[:, None, None], cand, X))
-    bad = ~good if ok is None else ~good & ok
+    bad = good.logical_not() if ok is None else good.logical_not() & ok
     return bad.sum()
 
 
@@ -202,12 +202,14 @@ def shampoo_directions(grads: list[Tensor], bufs: list[ShampooBuffers],
     eL, eR = h.exponents
     for i, (G, B, lay, t) in enumerate(zip(grads, bufs, layouts, steps)):
         f = None if ok is None else ok[i]
-        dev, dt = G.device, G.dtype
 
-        def w(value: float, off: float) -> Tensor | float:
+        def w(value: float, off: float, f: Tensor | None = f, like: Tensor = G
+              ) -> Tensor | float:
+            """``value`` where this parameter's gradient is finite, else ``off``."""
             if f is None:
                 return value
-            return torch.where(f, torch.full((), value, dtype=dt, device=dev), off)
+            return torch.where(f, torch.full((), value, dtype=like.dtype, device=like.device),
+                               off)
 
         m, n = G.shape[-2:]
         Gb = to_blocks(G, lay)
