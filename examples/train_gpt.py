@@ -59,12 +59,17 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
     if name == "adafactor":
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False)
+    if name == "shampoo":  # Adam-grafted Shampoo on the hidden matrices, AdamW for the rest
+        return matrixopt.optim.Shampoo(muon_param_groups(model), lr=lr,
+                                       weight_decay=weight_decay, adamw_betas=(0.9, 0.95),
+                                       grafting_beta2=0.95, precondition_frequency=10)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE}")
 
 
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
+AVAILABLE += ["shampoo"] if hasattr(matrixopt.optim, "Shampoo") else []
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
