@@ -202,18 +202,16 @@ REGISTRY: list[OptimInfo] = [
     # all run within each check's few steps)
     *[OptimInfo(f"shampoo-{name}", Shampoo,
                 {"lr": 1e-2, "epsilon": 1e-4, "precondition_frequency": 3,
-                 "start_preconditioning_step": 2, **kw}, problem=problem)
-      for name, kw, problem in (
-          ("default", {}, "mlp"),
-          ("mkor", {"inverse_update": "mkor"}, "mlp"),
+                 "start_preconditioning_step": 2, **kw}, problem=problem, params=params)
+      for name, kw, problem, params in (
+          ("default", {}, "mlp", None),
           ("blocked-newton-rmsprop", {"max_preconditioner_dim": 3, "root_method": "newton",
-                                      "grafting": "rmsprop"}, "mlp"),
-          ("conv-adagrad-int8", {"betas": (0.9, 1.0), "grafting": "adagrad",
-                                 "state_dtype": "int8"}, "conv"),
-          ("3d-experts", {"inverse_update": "mkor", "max_preconditioner_dim": 4}, "experts"))],
-    OptimInfo("shampoo-param-groups", Shampoo,
-              {"lr": 1e-2, "epsilon": 1e-4, "precondition_frequency": 3},
-              params=muon_param_groups),
+                                      "grafting": "rmsprop"}, "mlp", None),
+          ("mkor-3d-experts-blocked", {"inverse_update": "mkor", "max_preconditioner_dim": 4},
+           "experts", None),
+          ("conv-adagrad-int8-param-groups", {"betas": (0.9, 1.0), "grafting": "adagrad",
+                                              "state_dtype": "int8"}, "conv",
+           muon_param_groups))],
 ]
 
 _names = [i.name for i in REGISTRY]

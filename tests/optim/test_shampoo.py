@@ -261,3 +261,21 @@ def test_blocking_state_shapes() -> None:
     assert opt.state[V]["factor_L"].shape == (3 * 2, 4, 4)
     assert opt.state[V]["factor_R"].shape == (3 * 2, 4, 4)
     assert math.isfinite(float(W.detach().sum()))
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_non_psd_factor_never_gives_a_nan_root(method: str) -> None:
+    """A factor that is not PSD (corrupted state): eigh shifts its spectrum up to ε
+    (Distributed Shampoo's rule), Newton either converges or falls back; never NaN."""
+    W = torch.nn.Parameter(torch.randn(*SHAPE))
+    opt = Shampoo([W], lr=0.01, epsilon=1e-3, precondition_frequency=1, root_method=method)
+    W.grad = _grads()[0].float()
+    opt.step()
+    st = opt.state[W]
+    st["factor_L"].copy_(-5.0 * torch.eye(7).unsqueeze(0))  # negative definite
+    st["factor_L"][0, 0, 1] = 100.0                          # and not symmetric
+    W.grad = _grads()[1].float()
+    opt.step()
+    assert torch.isfinite(st["inv_root_L"]).all() and torch.isfinite(W).all()
+    if method == "eigh":
+        assert float(torch.linalg.eigvalsh(st["inv_root_L"][0]).min()) > 0
