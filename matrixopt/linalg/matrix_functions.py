@@ -132,6 +132,12 @@ def inv_root(A: Tensor, p: float, *, method: str = "eigh", eps: float = 0.0,
     absolute error :math:`\approx u\|A\|`); at :math:`\kappa \le 10^4` both are
     within 2e-3. bfloat16 inputs are computed in float32 (a bfloat16 iteration would not
     get below its 4e-3 rounding). The output is ``A``'s dtype.
+
+    A fixed ``iters`` too small for the conditioning errs on the safe side: per
+    eigenvalue the iteration maps :math:`\mu = x^p\lambda` by
+    :math:`\mu \leftarrow \mu((p+1-\mu)/p)^p`, which after the first step stays
+    below 1 and rises monotonically to it, so an unconverged root of a small eigenvalue
+    is too *small* (as with a larger ``eps``), never too large.
     """
     A = _check_square(A, "A")
     check_choice(method, "method", INV_ROOT_METHODS)
