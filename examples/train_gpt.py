@@ -108,6 +108,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         from matrixopt.optim import SOAP, soap_param_groups
         return SOAP(soap_param_groups(model), lr=lr, weight_decay=weight_decay,
                     betas=(0.9, 0.95), precondition_frequency=10, **sd)
+    if name == "shampoo":  # Adam-grafted Shampoo on the hidden matrices, AdamW for the rest
+        return matrixopt.optim.Shampoo(muon_param_groups(model), lr=lr,
+                                       weight_decay=weight_decay, adamw_betas=(0.9, 0.95),
+                                       grafting_beta2=0.95, precondition_frequency=10, **sd)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE + EXTRA}")
 
 
@@ -116,6 +120,7 @@ MUON_OPERATORS = {"muon_auon": "auon", "muon_hybrid_auon": "hybrid_auon", "muon_
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
+AVAILABLE += ["shampoo"]
 AVAILABLE += ["soap"]
 #: opt-in configurations (not in the default comparison)
 EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion"]

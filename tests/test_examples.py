@@ -19,8 +19,9 @@ def test_train_gpt_tiny(tmp_path):
                            "--eval-batches", "1", "--warmup", "2", "--no-plot",
                            "--out", str(tmp_path)])
     names = [r["optimizer"] for r in rows]
+    assert names == train_gpt.AVAILABLE
     assert names[:4] == ["adamw", "muon", "galore_adamw", "adafactor"]
-    assert "soap" in names
+    assert "soap" in names and "shampoo" in names
     for r in rows:
         assert r["val_loss"] == r["val_loss"] and r["val_loss"] < 10  # finite, sane
         assert r["state_MB"] > 0

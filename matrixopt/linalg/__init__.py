@@ -51,3 +51,6 @@ __all__ = [
     "transport_moments", "BASIS_METHODS", "PROJ_TYPES", "spectral_cap", "spectral_normalize",
     "eigh_basis", "eigh_refresh", "permute_dim",
 ]
+from .matrix_functions import INV_ROOT_METHODS, inv_root, newton_iterations, sherman_morrison
+
+__all__ += ["inv_root", "sherman_morrison", "newton_iterations", "INV_ROOT_METHODS"]

@@ -162,8 +162,10 @@ def all_jobs(rank: int, world: int, out: Path) -> None:
     import test_lowrank_distributed
     import test_muon_distributed
     import test_operators_distributed
+    import test_shampoo_distributed
 
     for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed),
-                      ("operators", test_operators_distributed)):
+                      ("operators", test_operators_distributed),
+                      ("shampoo", test_shampoo_distributed)):
         (out / name).mkdir(exist_ok=True)
         mod._job(rank, world, out / name)

@@ -27,6 +27,7 @@ from matrixopt.optim import (
     GaLoreAdafactor,
     GaLoreAdamW,
     Muon,
+    Shampoo,
     muon_param_groups,
     soap_param_groups,
 )
@@ -239,6 +240,20 @@ REGISTRY: list[OptimInfo] = [
                                         "merge_dims": True}, problem="conv"),
     OptimInfo("soap-3d-experts", SOAP, {"lr": 1e-2, "precondition_frequency": 3},
               problem="experts"),
+    # -- Shampoo: a refresh every 3 steps from step 2 (refresh, stale and MKOR steps
+    # all run within each check's few steps)
+    *[OptimInfo(f"shampoo-{name}", Shampoo,
+                {"lr": 1e-2, "epsilon": 1e-4, "precondition_frequency": 3,
+                 "start_preconditioning_step": 2, **kw}, problem=problem, params=params)
+      for name, kw, problem, params in (
+          ("default", {}, "mlp", None),
+          ("blocked-newton-rmsprop", {"max_preconditioner_dim": 3, "root_method": "newton",
+                                      "grafting": "rmsprop"}, "mlp", None),
+          ("mkor-3d-experts-blocked", {"inverse_update": "mkor", "max_preconditioner_dim": 4},
+           "experts", None),
+          ("conv-adagrad-int8-param-groups", {"betas": (0.9, 1.0), "grafting": "adagrad",
+                                              "state_dtype": "int8"}, "conv",
+           muon_param_groups))],
 ]
 
 _names = [i.name for i in REGISTRY]
