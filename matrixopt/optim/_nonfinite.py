@@ -61,6 +61,9 @@ def _scalar(v: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
 #: State key of the per-parameter count of skipped (non-finite) gradients.
 NONFINITE_COUNT = "nonfinite_count"
 
+#: Elements of the safe gradient copies :meth:`StepFlags.chunks` keeps alive at once.
+CHUNK_NUMEL = 1 << 18
+
 
 class StepFlags:
     """Finite flags of one group's gradients, or ``None`` flags (policy off).
@@ -104,6 +107,22 @@ class StepFlags:
     def subset(self, index: Sequence[int]) -> StepFlags:
         """The flags of the entries ``index`` (in that order)."""
         return self if self.ok is None else StepFlags([self.ok[i] for i in index])
+
+    def chunks(self, tensors: Sequence[Tensor], numel: int = CHUNK_NUMEL) -> list[list[int]]:
+        """Consecutive index chunks of ``tensors`` of at most ``numel`` elements each (a
+        larger tensor alone), so that :meth:`safe` copies of one chunk at a time keep the
+        policy's extra memory bounded; one chunk of everything when the policy is off."""
+        if self.ok is None or not tensors:
+            return [list(range(len(tensors)))] if tensors else []
+        out: list[list[int]] = [[]]
+        size = 0
+        for i, t in enumerate(tensors):
+            if out[-1] and size + t.numel() > numel:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += t.numel()
+        return out
 
     def safe(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """``where(ok, g, 0)`` per gradient (new tensors; ``grads`` are not written)."""
