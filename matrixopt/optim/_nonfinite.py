@@ -58,6 +58,14 @@ def _scalar(v: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
         return v.to(dtype)
     return torch.full((), v, dtype=dtype, device=device)
 
+def _zero_unless(ok: Tensor, g: Tensor) -> Tensor:
+    """``where(ok, g, 0)`` for a 0-dim ``ok`` and a finite-where-``ok`` ``g`` (see
+    :meth:`StepFlags.safe`)."""
+    if g.device.type == "cpu" and g.is_floating_point():
+        return g.mul(ok.to(g.dtype)).nan_to_num_(0.0, 0.0, 0.0)
+    return torch.where(ok, g, 0)
+
+
 #: State key of the per-parameter count of skipped (non-finite) gradients.
 NONFINITE_COUNT = "nonfinite_count"
 
@@ -125,10 +133,17 @@ class StepFlags:
         return out
 
     def safe(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """``where(ok, g, 0)`` per gradient (new tensors; ``grads`` are not written)."""
+        """``where(ok, g, 0)`` per gradient (new tensors; ``grads`` are not written).
+
+        On the CPU, where ``torch.where`` with a 0-dim condition is an unvectorised
+        kernel (about 4x the time of a vectorised pass on a 512x512 float32 tensor),
+        as ``(g·ok).nan_to_num_(0, 0, 0)``: two vectorised passes with the same
+        values (``g·1 = g`` exactly, a finite-flagged gradient holds no NaN/Inf; a
+        skipped one becomes zeros, of either sign, which no write reads).
+        """
         if self.ok is None:
             return list(grads)
-        return [torch.where(f, g, 0) for f, g in zip(self.ok, grads)]
+        return [_zero_unless(f, g) for f, g in zip(self.ok, grads)]
 
     def weights(self, values: Sequence[Any], off: float,
                 like: Sequence[Tensor] | None = None) -> list[Any]:
