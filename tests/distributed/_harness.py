@@ -159,11 +159,13 @@ def launch(fn: Callable[..., Any], out: Path, world: int = 2, timeout: float = 9
 
 def all_jobs(rank: int, world: int, out: Path) -> None:
     """Every test module's 2-process job in one launch (process start-up dominates)."""
+    import test_adafactor_int8_distributed
     import test_lowrank_distributed
     import test_muon_distributed
     import test_muon_pipeline_distributed
 
     for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed),
-                      ("muon_pipeline", test_muon_pipeline_distributed)):
+                      ("muon_pipeline", test_muon_pipeline_distributed),
+                      ("adafactor_int8", test_adafactor_int8_distributed)):
         (out / name).mkdir(exist_ok=True)
         mod._job(rank, world, out / name)
