@@ -136,19 +136,17 @@ def quantize_blockwise(x: Tensor, signed: bool, out: tuple[Tensor, Tensor] | Non
     if out is not None:
         rows = out[1].dim() == 2
     n = x.numel()
-    if rows:
-        nrow = x.shape[0] if x.dim() else 1
-        row = math.prod(x.shape[1:])
-        shape = (nrow, -(-row // BLOCK))
-    else:
-        shape = (-(-n // BLOCK),)
+    nrow = x.shape[0] if x.dim() else 1
+    row = math.prod(x.shape[1:])
+    bpr = -(-row // BLOCK)  # blocks per row (row-aligned layout)
+    shape = (nrow, bpr) if rows else (-(-n // BLOCK),)
     if out is None:
         out = (torch.empty(x.shape, dtype=torch.int8, device=x.device),
                torch.empty(shape, dtype=torch.float32, device=x.device))
     codes, absmax_out = out
     code, mids = _tables(bool(signed), str(x.device))
     if rows and n and row % BLOCK:
-        x2, q2, bpr = x.detach().reshape(nrow, row), codes.view(nrow, row), shape[1]
+        x2, q2 = x.detach().reshape(nrow, row), codes.view(nrow, row)
         step = max(1, _CHUNK // (bpr * BLOCK))
         for r0 in range(0, nrow, step):
             r1 = min(r0 + step, nrow)

@@ -370,11 +370,12 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
                scale_parameter=group["scale_parameter"], full_shapes=full_shapes, reduce=reduce,
                flags=flags)
     for i in stored:
-        v = views[i]
+        v, m = views[i], moms[i]
+        assert m is not None
         if reduce is not None and "exp_avg" + ABSMAX in v:  # a shard: the whole tensor's format
-            quantize_blockwise(moms[i], True, out=(v["exp_avg"], v["exp_avg" + ABSMAX]))
+            quantize_blockwise(m, True, out=(v["exp_avg"], v["exp_avg" + ABSMAX]))
             continue
-        store_moment(v, "exp_avg", moms[i], sd, signed=True)  # type: ignore[arg-type]
+        store_moment(v, "exp_avg", m, sd, signed=True)
         if reduce is None:  # a converted format is a new tensor (in one process only)
             states[i].update(v)
             if "exp_avg" + ABSMAX not in v:
@@ -402,9 +403,9 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         # checked at construction), sharded over dim 0 alike
         rows = p.dim() >= 2
         row = p.numel() // p.shape[0]
-        shape = [p.shape[0], -(-row // BLOCK)] if rows else [-(-p.numel() // BLOCK)]
+        scales_shape = [p.shape[0], -(-row // BLOCK)] if rows else [-(-p.numel() // BLOCK)]
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.int8)
-        state["exp_avg" + ABSMAX] = dzeros(shape, dtype=torch.float32, device_mesh=mesh,
+        state["exp_avg" + ABSMAX] = dzeros(scales_shape, dtype=torch.float32, device_mesh=mesh,
                                            placements=[Shard(0)])
         codes, scales = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg" + ABSMAX])
         quantize_blockwise(torch.zeros(codes.shape, device=codes.device), True,
