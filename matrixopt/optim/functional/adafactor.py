@@ -208,12 +208,14 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
         shape = tuple(full_shapes[i]) if full_shapes is not None else tuple(p.shape)
         numel = max(1, math.prod(shape))
         one = flags.subset([i])
-        g = one.safe([g])[0]  # one safe copy alive at a time (none with the policy off)
         wp = p.float() if p.dtype in _LOW else p
         sd = stat_dtype(p.dtype)
         wsq = wp.to(sd).square().sum().reshape(1) if scale_parameter else None
-        u, wsq = precondition_(g, rows[i], cols[i], sqs[i], dims[i], beta2=beta2s[i], eps1=eps1,
-                               shape=shape, reduce=reduce, extra=wsq, flags=one)
+        # the safe copy (none with the policy off) lives only inside precondition_, in
+        # place of the G² and U it does not overlap with: no extra peak over "ignore"
+        u, wsq = precondition_(one.safe([g])[0], rows[i], cols[i], sqs[i], dims[i],
+                               beta2=beta2s[i], eps1=eps1, shape=shape, reduce=reduce,
+                               extra=wsq, flags=one)
         alpha: Any = rhos[i]
         if wsq is not None:
             alpha = wsq[0].sqrt().div(math.sqrt(numel)).clamp_min(eps2) * alpha
