@@ -137,10 +137,9 @@ def init_group_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | N
 
 
 def rows_aligned_(state: dict[str, Any], p: Tensor) -> None:
-    """An int8 momentum of a parameter with >= 2 dims in the row-aligned block layout
-    (:func:`~matrixopt.optim._quant.quantize_blockwise` ``rows=True``), the one whose
-    blocks never straddle a ``Shard(0)`` shard, so one process and FSDP2 quantise
-    alike. A flat-layout momentum (an older checkpoint) is converted."""
+    """An int8 momentum of a >= 2-dim parameter in the row-aligned block layout (blocks
+    never straddle a ``Shard(0)`` shard: one process and FSDP2 quantise alike,
+    :func:`~matrixopt.optim._quant.quantize_blockwise`); a flat one is converted."""
     if p.dim() >= 2 and "exp_avg" + ABSMAX in state and state["exp_avg" + ABSMAX].dim() == 1:
         state["exp_avg"], state["exp_avg" + ABSMAX] = to_row_blocks(
             state["exp_avg"], state["exp_avg" + ABSMAX], signed=True)
@@ -281,14 +280,11 @@ class Adafactor(MatrixOptimizer):
         return hf_schedule_lr(group, state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's, then an int8 momentum saved in the flat block layout (before the
-        row-aligned one) is converted (:func:`rows_aligned_`)."""
+        """torch's; an older flat-layout int8 momentum is converted (:func:`rows_aligned_`)."""
         super().load_state_dict(state_dict)
-        if not self._strategy.sharded:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p in self.state:
-                        rows_aligned_(self.state[p], p)
+        for p in (p for g in self.param_groups for p in g["params"] if p in self.state):
+            if not self._strategy.sharded:
+                rows_aligned_(self.state[p], p)
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -398,12 +394,10 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         state[key] = dzeros(list(shape), dtype=sd, device_mesh=mesh,
                             placements=[Replicate() if spans_rows else Shard(0)])
     if beta1 is not None and state_dtype == "int8" and p.numel() >= MIN_QUANT_NUMEL:
-        # codes sharded like p; scales [rows, blocks per row] (row-aligned blocks: a
-        # shard holds whole blocks) or, for a vector, [blocks] (shards are whole blocks:
-        # checked at construction), sharded over dim 0 alike
-        rows = p.dim() >= 2
-        row = p.numel() // p.shape[0]
-        scales_shape = [p.shape[0], -(-row // BLOCK)] if rows else [-(-p.numel() // BLOCK)]
+        # codes sharded like p; scales [rows, blocks per row] (a shard holds whole blocks)
+        # or, for a vector, [blocks] (whole blocks per shard: checked), sharded alike
+        lead = [p.shape[0]] if p.dim() >= 2 else []
+        scales_shape = lead + [-(-(p.numel() // max([1, *lead])) // BLOCK)]
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.int8)
         state["exp_avg" + ABSMAX] = dzeros(scales_shape, dtype=torch.float32, device_mesh=mesh,
                                            placements=[Shard(0)])
