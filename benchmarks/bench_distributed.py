@@ -24,6 +24,14 @@ repeated runs; the machine is shared, use the same-run ratio).
 
     python benchmarks/bench_distributed.py            # 2 ranks
     python benchmarks/bench_distributed.py --world 2 --d-model 128 --n-layer 4
+
+``--overlap``: Muon's FSDP2 step time with the pipelined exchange (asynchronous
+all-to-alls, ``pipeline_depth=2``: the next rounds travel while one is
+orthogonalised) vs one blocking round (``pipeline_depth=0``), same run, same
+gradients, interleaved repeats, median per rank (``--mats`` Linear layers
+alternating 512×512 and 1024×512 weights, bf16 iterations, 1 thread per rank):
+
+    python benchmarks/bench_distributed.py --overlap --mats 10 --repeats 15
 """
 
 from __future__ import annotations
@@ -146,6 +154,50 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
     dist.destroy_process_group()
 
 
+def _overlap_job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList(torch.nn.Linear(512, 512 if i % 2 == 0 else 1024, bias=False)
+                                for i in range(args.mats))  # weights 512x512 / 1024x512
+    for layer in model:
+        fully_shard(layer)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(rank))
+    sum(layer(x).square().mean() for layer in model).backward()
+    opt = Muon(model.parameters(), lr=1e-3)
+    times: dict[int, list[float]] = {0: [], 2: []}
+    for rep in range(args.repeats + 1):  # the first repeat warms up (state, buffers)
+        for depth in ((0, 2) if rep % 2 else (2, 0)):
+            opt._strategy.pipeline_depth = depth  # type: ignore[attr-defined]
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if rep:
+                times[depth].append(dt)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, times)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def overlap(args: argparse.Namespace, port: int, out: str) -> list[dict[str, Any]]:
+    mp.spawn(_overlap_job, args=(args.world, port, args, out), nprocs=args.world)
+    per_rank = torch.load(out, weights_only=False)
+    med = [{d: float(torch.tensor(t[d]).median()) for d in t} for t in per_rank]
+    rows = [{"rank": r, "blocking ms": 1e3 * m[0], "pipelined ms": 1e3 * m[2],
+             "pipelined / blocking": m[2] / m[0]} for r, m in enumerate(med)]
+    print(machine_description())
+    print(f"Muon FSDP2 step, {args.mats} matrices (512x512 / 1024x512 alternating), "
+          f"{args.world} gloo ranks, 1 thread each, median of {args.repeats} interleaved steps")
+    print_table(rows, title="pipelined exchange vs one blocking round")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per timing")
+    p.add_argument("--overlap", action="store_true", help="pipelined vs blocking Muon FSDP2 step")
+    p.add_argument("--mats", type=int, default=10, help="--overlap: number of matrices")
+    p.add_argument("--repeats", type=int, default=15, help="--overlap: timed steps per mode")
     args = p.parse_args(argv)
     import socket
     import tempfile
@@ -163,6 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = os.path.join(tempfile.mkdtemp(), "res.pt")
+    if args.overlap:
+        return overlap(args, port, out)
     mp.spawn(_job, args=(args.world, port, args, out), nprocs=args.world)
     per_rank = torch.load(out, weights_only=False)
     torch.set_num_threads(1)

@@ -12,6 +12,7 @@ from .coefficients import (
     polar_express_coefficients,
     resolve_coefficients,
 )
+from .eigenbasis import eigh_basis, eigh_refresh, permute_dim
 from .lowrank_init import (
     SPLIT_METHODS,
     LowRankSplit,
@@ -20,7 +21,6 @@ from .lowrank_init import (
     lowrank_split_model,
     nystrom,
 )
-from .eigenbasis import eigh_basis, eigh_refresh, permute_dim
 from .norms import spectral_norm
 from .operators import OPERATORS, auon, hybrid_auon, racs
 from .orthogonalization import orthogonalize, orthogonalize_flops, resolve_backend, resolve_method

@@ -88,11 +88,15 @@ class _Distributed(Strategy):
         self.rank = ctx.rank
         self.group = ctx.group
 
+    #: FSDP2: exchange rounds in flight ahead of the one being orthogonalised (0: one
+    #: blocking round); see :func:`~matrixopt.optim._distributed.fsdp_rounds`.
+    pipeline_depth = 2
+
     def orthogonalize(self, dirs: list[Tensor], views: Sequence[tuple[int, int, int]],
                       full_shapes: Sequence[torch.Size], orth: Orth,
                       comm_dtype: torch.dtype | None = None) -> list[Tensor]:
         return distributed_orthogonalize(self.ctx, dirs, list(views), list(full_shapes), orth,
-                                         comm_dtype=comm_dtype)
+                                         comm_dtype=comm_dtype, depth=self.pipeline_depth)
 
 
 class DDPSplit(_Distributed):
@@ -104,7 +108,8 @@ class DDPSplit(_Distributed):
 
 class FSDP2Rows(_Distributed):
     """FSDP2 ``Shard(0)``: local rows; row-spanning sums all-reduced; whole matrices
-    for orthogonalisation by two all-to-alls."""
+    for orthogonalisation by all-to-alls, pipelined: the exchanges of the next rounds
+    run asynchronously while a round is orthogonalised (``pipeline_depth``)."""
 
     kind = "fsdp2"
 

@@ -33,7 +33,12 @@ adds one rounding before the norm; with ``ns_dtype=None`` or float32 the
 result equals the single-process one to fp32 rounding) — the owner
 stitches whole matrices, orthogonalises them as shape batches, and one
 ``all_to_all_single`` returns each rank its rows. Momentum never leaves its
-shard; the AdamW path is elementwise on local shards.
+shard; the AdamW path is elementwise on local shards. The exchange is pipelined
+as microsoft/dion's: the matrices go in rounds (:func:`fsdp_rounds`: per shape,
+one large matrix or a batch of small ones per owner and round), every
+all-to-all is asynchronous, the next rounds' shards travel while a round is
+orthogonalised and its results travel back while the next is; the values are
+those of one blocking round (``depth=0``).
 
 :func:`count_bytes` records the bytes of the collectives issued here (for the
 benchmark), with ring-algorithm accounting: per rank, an all-gather of a buffer
@@ -54,6 +59,7 @@ refreshes are one code path with the same options.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import heapq
@@ -74,7 +80,8 @@ if TYPE_CHECKING:
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
-           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype"]
+           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype",
+           "fsdp_rounds"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -238,7 +245,8 @@ def payload_dtype(dtype: torch.dtype, comm_dtype: torch.dtype | None) -> torch.d
 def distributed_orthogonalize(ctx: DistContext | None, dirs: list[Tensor],
                               views: list[tuple[int, int, int]], full_shapes: list[torch.Size],
                               orth: Callable[[Tensor], Tensor],
-                              comm_dtype: torch.dtype | None = None) -> list[Tensor]:
+                              comm_dtype: torch.dtype | None = None, depth: int = 2
+                              ) -> list[Tensor]:
     """Orthogonalised ``dirs``, shaped like ``dirs`` (whole or local shards).
 
     Args:
@@ -250,6 +258,9 @@ def distributed_orthogonalize(ctx: DistContext | None, dirs: list[Tensor],
         orth: orthogonalises a ``[B, m, n]`` batch.
         comm_dtype: preferred payload dtype of the returned updates (used only
             where the result is exactly representable in it).
+        depth: FSDP2 only: exchange rounds in flight ahead of the one being
+            orthogonalised (:func:`fsdp_rounds`, asynchronous all-to-alls); 0: one
+            blocking round for everything. Same values either way.
     """
     if ctx is None or ctx.world == 1:
         mats = [d.reshape(v) for d, v in zip(dirs, views)]
@@ -257,7 +268,7 @@ def distributed_orthogonalize(ctx: DistContext | None, dirs: list[Tensor],
     owner = lpt_assign([matrix_cost(*v) for v in views], ctx.world)
     if ctx.mode == "ddp":
         return _ddp(ctx, dirs, views, owner, orth, comm_dtype)
-    return _fsdp(ctx, dirs, views, full_shapes, owner, orth, comm_dtype)
+    return _fsdp(ctx, dirs, views, full_shapes, owner, orth, comm_dtype, depth)
 
 
 def _ddp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]],
@@ -288,16 +299,47 @@ def _ddp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]]
     return out  # type: ignore[return-value]
 
 
+def fsdp_rounds(views: Sequence[tuple[int, int, int]], owner: Sequence[int], world: int,
+                round_numel: int | None = None) -> list[list[int]]:
+    """The exchange rounds of the FSDP2 orthogonalisation: lists of matrix indices, in
+    the order every rank issues them (``round_numel=None``: one round, everything).
+
+    Matrices are bucketed by their ``(m, n)`` view (first-appearance order); in a
+    bucket, round ``j`` takes from each owner its ``j``-th chunk of ``c`` matrices,
+    ``c = max(1, round_numel // (b·m·n))``: small matrices share a round, large ones
+    go one per owner and round (microsoft/dion's batches of ``world`` matrices). An
+    owner orthogonalises a round's matrices as one batch, a sub-batch of the batch it
+    would form in one round; the iteration is per matrix, so the values are the same.
+    """
+    if round_numel is None:
+        return [list(range(len(views)))] if views else []
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, (_, m, n) in enumerate(views):
+        buckets.setdefault((m, n), []).append(i)
+    rounds = []
+    for idx in buckets.values():
+        per = [[i for i in idx if owner[i] == r] for r in range(world)]
+        c = max(1, round_numel // max(math.prod(views[i]) for i in idx))
+        for j in range(0, max(len(p) for p in per), c):
+            rounds.append([i for p in per for i in p[j:j + c]])
+    return rounds
+
+
+#: Elements per owner batch under which same-shape matrices share an exchange round.
+ROUND_NUMEL = 1 << 18
+
+
 def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]],
           full_shapes: list[torch.Size], owner: list[int], orth: Callable[[Tensor], Tensor],
-          comm_dtype: torch.dtype | None) -> list[Tensor]:
+          comm_dtype: torch.dtype | None, depth: int = 2) -> list[Tensor]:
     w, me = ctx.world, ctx.rank
     if len({(d.dtype, d.device) for d in dirs}) > 1:
         raise ValueError("Muon (FSDP2): all Muon parameters of a group must share dtype and "
                          f"device, got {sorted({str((d.dtype, d.device)) for d in dirs})}")
     dtype, device = dirs[0].dtype, dirs[0].device
     # Payload in the iteration dtype when it is narrower (Moonlight's bf16 gather):
-    # the iteration casts to it right after normalising anyway.
+    # the iteration casts to it right after normalising anyway; the results are exact
+    # in it (payload_dtype), so they return in it too.
     wire = payload_dtype(dtype, comm_dtype)
     plan = []  # (chunk rows, row numel, rows per rank) per tensor
     for d, shape in zip(dirs, full_shapes):
@@ -310,56 +352,79 @@ def _fsdp(ctx: DistContext, dirs: list[Tensor], views: list[tuple[int, int, int]
         plan.append((chunk, row, rows))
     padded = [c * r for c, r, _ in plan]
 
-    # 1. shards -> owners: segment for rank o = my padded shards of o's tensors, in order.
-    send_parts, in_splits = [], []
-    for o in range(w):
-        ids = [i for i in range(len(dirs)) if owner[i] == o]
-        for i in ids:
-            part = torch.zeros(padded[i], dtype=wire, device=device)
-            part[:dirs[i].numel()] = dirs[i].reshape(-1)
-            send_parts.append(part)
-        in_splits.append(sum(padded[i] for i in ids))
-    mine = [i for i in range(len(dirs)) if owner[i] == me]
-    per_src = sum(padded[i] for i in mine)
-    send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=wire, device=device)
-    recv = torch.empty(per_src * w, dtype=wire, device=device)
-    dist.all_to_all_single(recv, send, [per_src] * w, in_splits, group=ctx.group)
-    _record("all_to_all", (send.numel() - in_splits[me]) * send.element_size())
+    def flat(parts: list[Tensor]) -> Tensor:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=wire, device=device)
 
-    # 2. whole matrices on their owner, orthogonalised as shape batches.
-    fulls = []
-    offs = 0
-    for i in mine:
-        chunk, row, rows = plan[i]
-        pieces = [recv[s * per_src + offs: s * per_src + offs + rows[s] * row] for s in range(w)]
-        fulls.append(torch.cat(pieces).reshape(views[i]))
-        offs += padded[i]
-    done = _batched(fulls, orth)
-    rdtype = wire  # the results are exact in it (payload_dtype)
+    def send(ids: list[int]) -> tuple[Any, Tensor, list[int], list[int], int, Tensor]:
+        """Shards -> owners: segment for rank o = my padded shards of o's tensors."""
+        parts, splits = [], []
+        for o in range(w):
+            for i in (i for i in ids if owner[i] == o):
+                part = torch.zeros(padded[i], dtype=wire, device=device)
+                part[:dirs[i].numel()] = dirs[i].reshape(-1)
+                parts.append(part)
+            splits.append(sum(padded[i] for i in ids if owner[i] == o))
+        mine = [i for i in ids if owner[i] == me]
+        per_src = sum(padded[i] for i in mine)
+        buf = flat(parts)
+        recv = torch.empty(per_src * w, dtype=wire, device=device)
+        work = dist.all_to_all_single(recv, buf, [per_src] * w, splits, group=ctx.group,
+                                      async_op=depth > 0)
+        _record("all_to_all", (buf.numel() - splits[me]) * buf.element_size())
+        return work, recv, splits, mine, per_src, buf
 
-    # 3. rows back to their ranks: segment for rank s = its padded chunk of each of my tensors.
-    back_parts = []
-    for s in range(w):
-        for i, O in zip(mine, done):
+    def back(recv: Tensor, splits: list[int], mine: list[int], per_src: int
+             ) -> tuple[Any, Tensor, Tensor]:
+        """Whole matrices on their owner, orthogonalised as shape batches; rows back:
+        segment for rank s = its padded chunk of each of my tensors."""
+        fulls, offs = [], 0
+        for i in mine:
             chunk, row, rows = plan[i]
-            part = torch.zeros(padded[i], dtype=rdtype, device=device)
-            flat = O.reshape(-1)
-            part[:rows[s] * row] = flat[s * chunk * row: s * chunk * row + rows[s] * row]
-            back_parts.append(part)
-    back = torch.cat(back_parts) if back_parts else torch.zeros(0, dtype=rdtype, device=device)
-    result = torch.empty(send.numel(), dtype=rdtype, device=device)
-    dist.all_to_all_single(result, back, in_splits, [per_src] * w, group=ctx.group)
-    _record("all_to_all", (back.numel() - per_src) * back.element_size())
+            pieces = [recv[s * per_src + offs: s * per_src + offs + rows[s] * row]
+                      for s in range(w)]
+            fulls.append(torch.cat(pieces).reshape(views[i]))
+            offs += padded[i]
+        done = _batched(fulls, orth)
+        parts = []
+        for s in range(w):
+            for i, O in zip(mine, done):
+                chunk, row, rows = plan[i]
+                part = torch.zeros(padded[i], dtype=wire, device=device)
+                part[:rows[s] * row] = O.reshape(-1)[s * chunk * row: s * chunk * row
+                                                     + rows[s] * row]
+                parts.append(part)
+        buf = flat(parts)
+        result = torch.empty(sum(splits), dtype=wire, device=device)
+        work = dist.all_to_all_single(result, buf, splits, [per_src] * w, group=ctx.group,
+                                      async_op=depth > 0)
+        _record("all_to_all", (buf.numel() - per_src) * buf.element_size())
+        return work, result, buf
+
+    # Pipeline (depth > 0): the exchanges of the next ``depth`` rounds are in flight
+    # while a round is orthogonalised, and its results return while the next ones are.
+    rounds = fsdp_rounds(views, owner, w, ROUND_NUMEL if depth > 0 else None)
+    lead = max(depth, 1)
+    inflight = collections.deque(send(r) for r in rounds[:lead])
+    returns = []
+    for k, ids in enumerate(rounds):
+        work, recv, splits, mine, per_src, _ = inflight.popleft()
+        if work is not None:
+            work.wait()
+        if k + lead < len(rounds):
+            inflight.append(send(rounds[k + lead]))
+        returns.append((ids, back(recv, splits, mine, per_src)))
 
     out: list[Tensor | None] = [None] * len(dirs)
-    off = 0
-    for o in range(w):
-        for i in (j for j in range(len(dirs)) if owner[j] == o):
-            n = dirs[i].numel()
-            out[i] = result[off:off + n].view(dirs[i].shape).to(dtype)
-            off += padded[i]
+    for ids, (work, result, _) in returns:
+        if work is not None:
+            work.wait()
+        off = 0
+        for o in range(w):
+            for i in (i for i in ids if owner[i] == o):
+                n = dirs[i].numel()
+                out[i] = result[off:off + n].view(dirs[i].shape).to(dtype)
+                off += padded[i]
     return out  # type: ignore[return-value]
-
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:

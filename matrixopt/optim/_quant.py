@@ -44,13 +44,14 @@ tensors — norms, biases — are the most sensitive to quantisation).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BLOCK", "MIN_QUANT_NUMEL", "dynamic_code", "quantize_blockwise",
-           "dequantize_blockwise", "nonfinite_blocks", "code_error_bound"]
+           "dequantize_blockwise", "nonfinite_blocks", "code_error_bound", "to_row_blocks"]
 
 BLOCK = 256
 MIN_QUANT_NUMEL = 4096
@@ -98,50 +99,96 @@ def code_error_bound(x_normalised: Tensor, signed: bool) -> Tensor:
 _CHUNK = 1 << 16  # elements quantised per pass: bounds the transient float32/int64 buffers
 
 
-def quantize_blockwise(x: Tensor, signed: bool, out: tuple[Tensor, Tensor] | None = None
-                       ) -> tuple[Tensor, Tensor]:
+def _encode(blocks: Tensor, mids: Tensor) -> tuple[Tensor, Tensor]:
+    """``[k, BLOCK]`` float32 blocks -> (code indices, absmax per block)."""
+    finite = torch.isfinite(blocks).all(dim=1)
+    am = blocks.abs().amax(dim=1)
+    am = torch.where(finite, am, torch.full_like(am, float("nan")))
+    scale = torch.where(am > 0, am, torch.ones_like(am))
+    normed = (blocks / scale.unsqueeze(1)).nan_to_num_(0.0, 0.0, 0.0)
+    return torch.bucketize(normed, mids), am
+
+
+def _row_len(x: Tensor, absmax: Tensor) -> int:
+    """Entries per row of a row-aligned layout (``absmax`` is ``[rows, blocks per row]``)."""
+    return x.numel() // max(1, absmax.shape[0])
+
+
+def quantize_blockwise(x: Tensor, signed: bool, out: tuple[Tensor, Tensor] | None = None,
+                       rows: bool = False) -> tuple[Tensor, Tensor]:
     """Quantise ``x`` to ``(codes, absmax)``.
 
     ``codes``: int8 tensor shaped like ``x`` (code index − 128); ``absmax``:
     float32 ``[ceil(numel/256)]``, NaN for a block with a non-finite value. With
     ``out=(codes, absmax)`` the results are written into those tensors (the
-    stored optimizer state) instead of new ones. The unsigned code maps
-    negative values to 0. Works through the tensor in chunks of 65536 entries,
-    so its temporaries stay small whatever the tensor's size.
+    stored optimizer state) instead of new ones, in their layout. The unsigned
+    code maps negative values to 0. Works through the tensor in chunks of 65536
+    entries, so its temporaries stay small whatever the tensor's size.
+
+    ``rows=True`` (a tensor with >= 1 dim): row-aligned blocks, each row of
+    ``x.shape[0]`` cut into ``ceil(row/256)`` blocks of its own (the last one
+    short), ``absmax`` of shape ``[x.shape[0], ceil(row/256)]``. A block then never
+    spans two rows, so the blocks of any dim-0 shard of ``x`` (FSDP2's ``Shard(0)``)
+    are exactly the blocks of the whole tensor on those rows; for rows that are a
+    multiple of 256 long the blocks (and values) are the flat layout's. A 2-D
+    ``absmax`` in ``out`` selects this layout.
     """
+    if out is not None:
+        rows = out[1].dim() == 2
     n = x.numel()
-    nb = -(-n // BLOCK)
+    nrow = x.shape[0] if x.dim() else 1
+    row = math.prod(x.shape[1:])
+    bpr = -(-row // BLOCK)  # blocks per row (row-aligned layout)
+    shape = (nrow, bpr) if rows else (-(-n // BLOCK),)
     if out is None:
         out = (torch.empty(x.shape, dtype=torch.int8, device=x.device),
-               torch.empty(nb, dtype=torch.float32, device=x.device))
+               torch.empty(shape, dtype=torch.float32, device=x.device))
     codes, absmax_out = out
+    code, mids = _tables(bool(signed), str(x.device))
+    if rows and n and row % BLOCK:
+        x2, q2 = x.detach().reshape(nrow, row), codes.view(nrow, row)
+        step = max(1, _CHUNK // (bpr * BLOCK))
+        for r0 in range(0, nrow, step):
+            r1 = min(r0 + step, nrow)
+            chunk = F.pad(x2[r0:r1].float(), (0, bpr * BLOCK - row))
+            idx, am = _encode(chunk.view(-1, BLOCK), mids)
+            q2[r0:r1].copy_(idx.view(r1 - r0, bpr * BLOCK)[:, :row] - _OFFSET)
+            absmax_out[r0:r1].copy_(am.view(r1 - r0, bpr))
+        return codes, absmax_out
     flat_in = x.detach().reshape(-1)
     flat_q = codes.view(-1)
-    code, mids = _tables(bool(signed), str(x.device))
+    flat_am = absmax_out.view(-1)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         chunk = flat_in[start:stop].float()
         pad = (-chunk.numel()) % BLOCK
         if pad:
             chunk = F.pad(chunk, (0, pad))
-        blocks = chunk.view(-1, BLOCK)
-        finite = torch.isfinite(blocks).all(dim=1)
-        am = blocks.abs().amax(dim=1)
-        am = torch.where(finite, am, torch.full_like(am, float("nan")))
-        scale = torch.where(am > 0, am, torch.ones_like(am))
-        normed = (blocks / scale.unsqueeze(1)).nan_to_num_(0.0, 0.0, 0.0)
-        idx = torch.bucketize(normed, mids)
+        idx, am = _encode(chunk.view(-1, BLOCK), mids)
         flat_q[start:stop].copy_(idx.view(-1)[:stop - start] - _OFFSET)
-        absmax_out[start // BLOCK:start // BLOCK + am.numel()].copy_(am)
+        flat_am[start // BLOCK:start // BLOCK + am.numel()].copy_(am)
     return codes, absmax_out
 
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool,
                          dtype: torch.dtype = torch.float32) -> Tensor:
-    """``absmax[block] * code[index]`` shaped like ``codes`` (a new tensor)."""
+    """``absmax[block] * code[index]`` shaped like ``codes`` (a new tensor); the layout
+    (flat or row-aligned, :func:`quantize_blockwise`) is read from ``absmax``'s shape."""
     code, _ = _tables(bool(signed), str(codes.device))
     n = codes.numel()
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    if absmax.dim() == 2 and n and _row_len(codes, absmax) % BLOCK:
+        nrow, bpr = absmax.shape
+        row = _row_len(codes, absmax)
+        q2, o2 = codes.reshape(nrow, row), out.view(nrow, row)
+        step = max(1, _CHUNK // (bpr * BLOCK))
+        for r0 in range(0, nrow, step):
+            r1 = min(r0 + step, nrow)
+            vals = F.pad(code[q2[r0:r1].to(torch.int64) + _OFFSET], (0, bpr * BLOCK - row))
+            o2[r0:r1].copy_((vals.view(r1 - r0, bpr, BLOCK) * absmax[r0:r1].unsqueeze(2))
+                            .view(r1 - r0, bpr * BLOCK)[:, :row])
+        return out
+    absmax = absmax.reshape(-1)
     flat_out, flat_q = out.view(-1), codes.reshape(-1)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
@@ -152,6 +199,18 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool,
         sc = absmax[start // BLOCK:start // BLOCK + vals.numel() // BLOCK]
         flat_out[start:stop].copy_((vals.view(-1, BLOCK) * sc.unsqueeze(1)).view(-1)[:stop - start])
     return out
+
+
+def to_row_blocks(codes: Tensor, absmax: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """A flat-layout ``(codes, absmax)`` in the row-aligned layout (``rows=True``): the
+    same codes with ``absmax`` reshaped when rows are a multiple of 256 long (exact),
+    else dequantised and quantised again (an old checkpoint, converted on load)."""
+    nrow = codes.shape[0] if codes.dim() else 1
+    if absmax.dim() == 2:
+        return codes, absmax
+    if codes.numel() % max(1, nrow) == 0 and (codes.numel() // max(1, nrow)) % BLOCK == 0:
+        return codes, absmax.reshape(nrow, -1)
+    return quantize_blockwise(dequantize_blockwise(codes, absmax, signed), signed, rows=True)
 
 
 def nonfinite_blocks(absmax: Tensor) -> Tensor:

@@ -54,7 +54,9 @@ from torch import Tensor
 from ._common import GroupError, MatrixOptimizer, _GroupChecker, check_grad, optional_float
 from ._distributed import local_tensor
 from ._nonfinite import StepFlags
+from ._quant import BLOCK, MIN_QUANT_NUMEL, quantize_blockwise, to_row_blocks
 from ._state import (
+    ABSMAX,
     check_state_dtype,
     counters_to_cpu_,
     init_moment,
@@ -130,6 +132,17 @@ def init_group_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | N
     under FSDP2 (``sharded``), else plain tensors (shared with GaLoreAdafactor)."""
     init = _init_sharded_state if sharded else init_adafactor_state
     init(state, p, dims, group["beta1"], group["momentum_dtype"], group["state_dtype"])
+    if not sharded:
+        rows_aligned_(state, p)
+
+
+def rows_aligned_(state: dict[str, Any], p: Tensor) -> None:
+    """An int8 momentum of a >= 2-dim parameter in the row-aligned block layout (blocks
+    never straddle a ``Shard(0)`` shard: one process and FSDP2 quantise alike,
+    :func:`~matrixopt.optim._quant.quantize_blockwise`); a flat one is converted."""
+    if p.dim() >= 2 and "exp_avg" + ABSMAX in state and state["exp_avg" + ABSMAX].dim() == 1:
+        state["exp_avg"], state["exp_avg" + ABSMAX] = to_row_blocks(
+            state["exp_avg"], state["exp_avg" + ABSMAX], signed=True)
 
 
 # ----------------------------------------------------------------------------
@@ -205,8 +218,11 @@ class Adafactor(MatrixOptimizer):
     shards and only the sums that span the sharded dim are all-reduced (the
     strategy's ``reduce`` in :func:`~matrixopt.optim.functional.adafactor_`); the
     state stays sharded DTensors, a bf16/fp32 ``state_dtype`` momentum included.
-    ``state_dtype="int8"`` with ``beta1`` is rejected there (its 256-entry blocks
-    would straddle the shards).
+    An int8 momentum (``state_dtype="int8"`` with ``beta1``) uses row-aligned
+    quantisation blocks (every row its own blocks, :func:`~matrixopt.optim._quant.
+    quantize_blockwise` ``rows=True``) in one process and under FSDP2 alike, so a
+    row shard holds whole blocks and both quantise the same numbers the same way;
+    a vector's shards must be whole 256-entry blocks (else a clear error).
 
     State per parameter (tensors only): ``step``, ``exp_avg_sq_row`` /
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, and ``exp_avg`` with
@@ -242,19 +258,33 @@ class Adafactor(MatrixOptimizer):
         super().__init__(params, defaults)
 
     def _check_strategy(self) -> None:
-        if self._strategy.sharded:
-            for i, g in enumerate(self.param_groups):
-                if g["state_dtype"] == "int8" and g["beta1"] is not None:
+        if not self._strategy.sharded:
+            return
+        w = self._strategy.world
+        for i, g in enumerate(self.param_groups):
+            if g["state_dtype"] != "int8" or g["beta1"] is None:
+                continue
+            for p in g["params"]:
+                chunk = -(-p.numel() // w)
+                if p.dim() == 1 and p.numel() >= MIN_QUANT_NUMEL and chunk % BLOCK:
                     raise GroupError(
-                        f"Adafactor: param_groups[{i}]: state_dtype='int8' is not supported "
-                        f"with FSDP2 (DTensor) parameters (its blocks would straddle the "
-                        f"shards); use 'bf16', 'fp32' or None")
+                        f"Adafactor: param_groups[{i}]: state_dtype='int8' under FSDP2 needs "
+                        f"the shards of a vector to be whole {BLOCK}-entry blocks; a vector of "
+                        f"{p.numel()} entries on {w} ranks has shards of {chunk}; use 'bf16', "
+                        f"'fp32' or None for this group")
 
     @staticmethod
     def _get_lr(group: dict[str, Any], state: dict[str, Any]) -> float:
         """Hugging Face's ``AdafactorSchedule`` reads the step size here
         (:func:`hf_schedule_lr`)."""
         return hf_schedule_lr(group, state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's; an older flat-layout int8 momentum is converted (:func:`rows_aligned_`)."""
+        super().load_state_dict(state_dict)
+        for p in (p for g in self.param_groups for p in g["params"] if p in self.state):
+            if not self._strategy.sharded:
+                rows_aligned_(self.state[p], p)
 
     # ------------------------------------------------------------------ checks
     def _check_group(self, check: _GroupChecker) -> None:
@@ -315,10 +345,13 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
     # a quantised / converted momentum steps through a transient float32 copy
     moms: list[Tensor | None] = [None] * len(params)
     stored: list[int] = []
-    for i, (s, p) in enumerate(zip(states, params)):
+    # the momentum's local tensors (the shards' under FSDP2; the state's own otherwise)
+    views = [{k: local_tensor(s[k]) for k in ("exp_avg", "exp_avg" + ABSMAX) if k in s}
+             for s in states]
+    for i, (v, p) in enumerate(zip(views, params)):
         if beta1 is None:
             continue
-        moms[i], native = step_moment(s, "exp_avg", sd, p)
+        moms[i], native = step_moment(v, "exp_avg", sd, p)
         if not native:
             stored.append(i)
 
@@ -333,7 +366,16 @@ def adafactor_states_(params: list[Tensor], grads: list[Tensor], states: list[di
                scale_parameter=group["scale_parameter"], full_shapes=full_shapes, reduce=reduce,
                flags=flags)
     for i in stored:
-        store_moment(states[i], "exp_avg", moms[i], sd, signed=True)  # type: ignore[arg-type]
+        v, m = views[i], moms[i]
+        assert m is not None
+        if reduce is not None and "exp_avg" + ABSMAX in v:  # a shard: the whole tensor's format
+            quantize_blockwise(m, True, out=(v["exp_avg"], v["exp_avg" + ABSMAX]))
+            continue
+        store_moment(v, "exp_avg", m, sd, signed=True)
+        if reduce is None:  # a converted format is a new tensor (in one process only)
+            states[i].update(v)
+            if "exp_avg" + ABSMAX not in v:
+                states[i].pop("exp_avg" + ABSMAX, None)
 
 
 def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] | None,
@@ -351,7 +393,18 @@ def _init_sharded_state(state: dict[str, Any], p: Tensor, dims: tuple[int, int] 
         spans_rows = key == "exp_avg_sq_col" and dims is not None and dims[0] == 0
         state[key] = dzeros(list(shape), dtype=sd, device_mesh=mesh,
                             placements=[Replicate() if spans_rows else Shard(0)])
-    if beta1 is not None:
+    if beta1 is not None and state_dtype == "int8" and p.numel() >= MIN_QUANT_NUMEL:
+        # codes sharded like p; scales [rows, blocks per row] (a shard holds whole blocks)
+        # or, for a vector, [blocks] (whole blocks per shard: checked), sharded alike
+        lead = [p.shape[0]] if p.dim() >= 2 else []
+        scales_shape = lead + [-(-(p.numel() // max([1, *lead])) // BLOCK)]
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.int8)
+        state["exp_avg" + ABSMAX] = dzeros(scales_shape, dtype=torch.float32, device_mesh=mesh,
+                                           placements=[Shard(0)])
+        codes, scales = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg" + ABSMAX])
+        quantize_blockwise(torch.zeros(codes.shape, device=codes.device), True,
+                           out=(codes, scales))
+    elif beta1 is not None:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(state_dtype or "",
                                                                 momentum_dtype or p.dtype)
         state["exp_avg"] = torch.zeros_like(p, dtype=dt)

@@ -339,16 +339,20 @@ class Muon(MatrixOptimizer):
                 adam_p.append(p)
         ordered = muon_p + adam_p
         local_p = [st.local(p) for p in ordered]
-        flags = self._flags(group, [st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
-        grads = flags.safe([st.local(p.grad) for p in ordered])  # type: ignore[arg-type]
+        grads = [st.local(p.grad) for p in ordered]  # type: ignore[arg-type]
+        flags = self._flags(group, grads)
         k = len(muon_p)
         lr, wd = _as_float(group["lr"]), float(group["weight_decay"])
         if adam_p:
             beta1, beta2 = (float(b) for b in group["betas"])
-            adamw_states_(local_p[k:], grads[k:], [self.state[p] for p in adam_p],
-                          group["state_dtype"], lr=lr, beta1=beta1, beta2=beta2,
-                          eps=float(group["eps"]), weight_decay=wd,
-                          flags=flags.subset(range(k, len(ordered))))
+            # safe gradients (a copy each under the policy) in chunks of bounded size
+            for idx in flags.chunks(grads[k:]):
+                ids = [k + i for i in idx]
+                one = flags.subset(ids)
+                adamw_states_([local_p[i] for i in ids], one.safe([grads[i] for i in ids]),
+                              [self.state[ordered[i]] for i in ids], group["state_dtype"],
+                              lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                              weight_decay=wd, flags=one)
         if muon_p:
             self._muon(group, muon_p, local_p[:k], grads[:k], lr, wd,
                        flags.subset(range(k)))
@@ -391,7 +395,7 @@ class Muon(MatrixOptimizer):
                 O = _col_unblocks(O, whole[i], cols_k)
             return O.reshape(params[i].shape)
 
-        muon_(params, [g.to(b.dtype) for g, b in zip(grads, bufs)], bufs, views=views, lr=lr,
+        muon_(params, grads, bufs, views=views, lr=lr,
               weight_decay=wd, mu=float(group["momentum"]), nesterov=group["nesterov"],
               scales=[muon_update_scale(m, n, group["adjust_lr"]) for _, m, n in views],
               orthogonalize=orthogonalize_all, unview=unview, cautious_wd=group["cautious_wd"],

@@ -6,6 +6,7 @@ port, a hard timeout that kills them instead of hanging the suite).
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import time
@@ -157,15 +158,13 @@ def launch(fn: Callable[..., Any], out: Path, world: int = 2, timeout: float = 9
             raise TimeoutError(f"distributed workers did not finish within {timeout} s")
 
 
+#: test modules ``test_<name>_distributed.py`` whose ``_job`` runs in the shared launch
+SHARED_LAUNCH = ("muon", "lowrank", "operators", "shampoo", "muon_pipeline", "adafactor_int8")
+
+
 def all_jobs(rank: int, world: int, out: Path) -> None:
     """Every test module's 2-process job in one launch (process start-up dominates)."""
-    import test_lowrank_distributed
-    import test_muon_distributed
-    import test_operators_distributed
-    import test_shampoo_distributed
-
-    for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed),
-                      ("operators", test_operators_distributed),
-                      ("shampoo", test_shampoo_distributed)):
+    for name in SHARED_LAUNCH:
+        mod = importlib.import_module(f"test_{name}_distributed")
         (out / name).mkdir(exist_ok=True)
         mod._job(rank, world, out / name)

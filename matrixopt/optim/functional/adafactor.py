@@ -156,15 +156,21 @@ def precondition_(g: Tensor, row: Tensor | None, col: Tensor | None, sq: Tensor 
         else:
             mean_r = row.mean(dim=row_dim, keepdim=True)
         flags.lerp_([col], [col_sum.div(shape[row_dim]).add_(eps1)], w)
-        # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice
-        u = torch.mul((row / mean_r).rsqrt_(), col.rsqrt()).mul_(gs)
+        # V^ = R C / mean(R); its inverse root split so nothing m×n is built twice. A
+        # skipped tensor's statistics may still be zero (skipped first step), so its
+        # factors are zeroed (0·0·0, not inf·0): two small selects, no m×n one
+        rf, cf = (row / mean_r).rsqrt_(), col.rsqrt()
+        if flags.active:
+            zero = torch.zeros((), dtype=rf.dtype, device=rf.device)
+            rf, cf = flags.select(0, rf, zero), flags.select(0, cf, zero)
+        u = torch.mul(rf, cf).mul_(gs)
     else:
         assert sq is not None
         flags.lerp_([sq], [gs.square().add_(eps1)], w)
-        u = sq.rsqrt().mul_(gs)
-    if flags.active:
-        # a skipped tensor's statistics may still be zero (skipped first step): 0/0
-        u = flags.select(0, u, torch.zeros((), dtype=u.dtype, device=u.device))
+        inv = sq.rsqrt()
+        if flags.active:
+            inv = flags.select(0, inv, torch.zeros((), dtype=inv.dtype, device=inv.device))
+        u = inv.mul_(gs)
     return u, (pieces[-1] if extra is not None else None)
 
 
@@ -202,12 +208,14 @@ def adafactor_(params: list[Tensor], grads: list[Tensor], rows: list[Tensor | No
         shape = tuple(full_shapes[i]) if full_shapes is not None else tuple(p.shape)
         numel = max(1, math.prod(shape))
         one = flags.subset([i])
-        g = one.safe([g])[0]  # one safe copy alive at a time (none with the policy off)
         wp = p.float() if p.dtype in _LOW else p
         sd = stat_dtype(p.dtype)
         wsq = wp.to(sd).square().sum().reshape(1) if scale_parameter else None
-        u, wsq = precondition_(g, rows[i], cols[i], sqs[i], dims[i], beta2=beta2s[i], eps1=eps1,
-                               shape=shape, reduce=reduce, extra=wsq, flags=one)
+        # the safe copy (none with the policy off) lives only inside precondition_, in
+        # place of the G² and U it does not overlap with: no extra peak over "ignore"
+        u, wsq = precondition_(one.safe([g])[0], rows[i], cols[i], sqs[i], dims[i],
+                               beta2=beta2s[i], eps1=eps1, shape=shape, reduce=reduce,
+                               extra=wsq, flags=one)
         alpha: Any = rhos[i]
         if wsq is not None:
             alpha = wsq[0].sqrt().div(math.sqrt(numel)).clamp_min(eps2) * alpha
@@ -231,8 +239,12 @@ def apply_(w: Tensor, u: Tensor, momentum: Tensor | None, *, alpha: Any, coef: A
     if beta1 is not None:
         assert momentum is not None
         flags.lerp_([momentum], [u.mul_(coef).to(momentum.dtype)], 1.0 - beta1)
-        w.sub_(flags.select(0, momentum.to(w.dtype), torch.zeros((), dtype=w.dtype,
-                                                                  device=w.device)))
+        m = momentum.to(w.dtype)
+        if flags.active:  # w - 1·M = w - M exactly; a skipped M is finite (kept): w - 0·M
+            w.addcmul_(m, flags.weight(0, torch.ones((), dtype=w.dtype, device=w.device),
+                                       0.0, w).to(w.dtype), value=-1.0)
+        else:
+            w.sub_(m)
     elif isinstance(coef, Tensor) or flags.active:
         step = flags.weight(0, coef if isinstance(coef, Tensor) else
                             torch.full((), coef, dtype=w.dtype, device=w.device), 0.0, w)

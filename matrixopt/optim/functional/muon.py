@@ -60,11 +60,29 @@ def muon_update_scale(m: int, n: int, mode: str) -> float:
 def momentum_(bufs: list[Tensor], grads: list[Tensor], mu: float, nesterov: bool,
               flags: StepFlags = _OFF) -> list[Tensor]:
     r"""Advance :math:`M \leftarrow \mu M + (1-\mu)G` in place; return the directions
-    (Nesterov: :math:`(1-\mu)G + \mu M` as new tensors, else the buffers themselves)."""
-    flags.lerp_(bufs, grads, 1.0 - mu)
-    if not nesterov:
-        return list(bufs)
-    return list(torch._foreach_lerp(grads, bufs, mu)) if grads else []
+    (Nesterov: :math:`(1-\mu)G + \mu M` as new tensors, else the buffers themselves).
+
+    ``grads`` are read, never written, and cast to the buffers' dtype. With active
+    ``flags`` they may hold NaN/Inf where a flag is false: each is made safe
+    (``where(ok, g, 0)``) one parameter at a time, and with Nesterov that safe copy
+    becomes the direction in place, so the policy keeps no copy of all gradients.
+    """
+    if not flags.active:
+        grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
+        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+        if not nesterov:
+            return list(bufs)
+        return list(torch._foreach_lerp(grads, bufs, mu)) if grads else []
+    dirs = []
+    for i, (b, g) in enumerate(zip(bufs, grads)):
+        one = flags.subset([i])
+        d = one.safe([g])[0]
+        if d.dtype != b.dtype:
+            d = d.to(b.dtype)
+        one.lerp_([b], [d], 1.0 - mu)
+        dirs.append(d.lerp_(b, mu) if nesterov else b)
+        del d  # only one parameter's safe gradient is alive at a time
+    return dirs
 
 
 def normuon_(row_stats: list[Tensor], updates: list[Tensor], beta2: float,
@@ -98,7 +116,8 @@ def muon_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
 
     Args:
         params: local parameters, updated in their own dtype.
-        grads, bufs: (safe) gradients and momentum buffers, both in the buffers' dtype.
+        grads, bufs: gradients (made safe and cast to the buffers' dtype per parameter,
+            see :func:`momentum_`) and momentum buffers.
         views: ``(b, m, n)`` of each parameter as a batch of matrices.
         scales: :func:`muon_update_scale` of each parameter's ``(m, n)``.
         orthogonalize: maps the directions (parameter-shaped) to their

@@ -16,8 +16,10 @@ from torch import Tensor
 
 from .._common import _GroupChecker, optional_float
 from .._nonfinite import StepFlags
+from .._signature import bind, combined_signature
 from .._state import load_moment, step_moment, store_moment, zero_moment
 from ..adafactor import (
+    Adafactor,
     adafactor_defaults,
     adafactor_states_,
     check_adafactor_group,
@@ -29,6 +31,7 @@ from ..adafactor import (
 from ..functional.adafactor import clip_coef, factored_dims, precondition_, stat_dtype
 from ._base import GaLoreBase, galore_defaults
 from ._item import Item
+from .adamw import GaLoreAdamW
 
 __all__ = ["GaLoreAdafactor"]
 
@@ -64,46 +67,11 @@ class GaLoreAdafactor(GaLoreBase):
     Groups without ``rank`` are plain Adafactor.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | Tensor | None = 1e-2,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float | None = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-        *,
-        min_dim_size_to_factor: int = 1,
-        beta2_cap: float | None = None,
-        momentum_dtype: torch.dtype | None = None,
-        state_dtype: str | None = None,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        projector: str = "warm",
-        on_refresh: str = "transport",
-        residual: str | None = None,
-        residual_granularity: str = "channel",
-        norm_growth_limit: float | None = 1.01,
-        stagger: int = 4,
-        seed: int = 0,
-        matrix_view: str = "auto",
-        proj_dtype: torch.dtype | None = None,
-        nonfinite: str = "skip",
-        external_lr: bool = True,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], *args: Any, **kwargs: Any) -> None:
+        a = bind(_SIGNATURE, self, params, *args, **kwargs)
         defaults = dict(
-            **adafactor_defaults(lr, eps, clip_threshold, decay_rate, beta1, weight_decay,
-                                 scale_parameter, relative_step, warmup_init,
-                                 min_dim_size_to_factor, beta2_cap, momentum_dtype, external_lr),
-            **galore_defaults(rank, update_proj_gap, scale, proj_type, projector, on_refresh,
-                               residual, residual_granularity, norm_growth_limit, stagger, seed,
-                               matrix_view, proj_dtype, nonfinite, state_dtype))
+            **adafactor_defaults(**{k: a[k] for k in (*_ADAFACTOR_ARGS, "external_lr")}),
+            **galore_defaults(**{k: a[k] for k in _GALORE_ARGS}))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:
@@ -208,3 +176,18 @@ class GaLoreAdafactor(GaLoreBase):
             if k in item.state:
                 zero_moment(item.state, k, signed=True)
         item.state["step"].zero_()
+
+
+# Adafactor's arguments, then GaLore's: the signature help() shows, taken from
+# Adafactor.__init__ and GaLoreAdamW.__init__ (one argument list per family)
+_ADAFACTOR_ARGS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                   "scale_parameter", "relative_step", "warmup_init", "min_dim_size_to_factor",
+                   "beta2_cap", "momentum_dtype")
+_GALORE_ARGS = ("rank", "update_proj_gap", "scale", "proj_type", "projector", "on_refresh",
+                "residual", "residual_granularity", "norm_growth_limit", "stagger", "seed",
+                "matrix_view", "proj_dtype", "nonfinite", "state_dtype")
+_SIGNATURE = combined_signature([
+    (Adafactor.__init__, (*_ADAFACTOR_ARGS, "state_dtype")),
+    (GaLoreAdamW.__init__, _GALORE_ARGS[:-1]),  # rank ... nonfinite
+    (Adafactor.__init__, ("external_lr",))])
+GaLoreAdafactor.__init__.__signature__ = _SIGNATURE  # type: ignore[attr-defined]
