@@ -74,7 +74,8 @@ if TYPE_CHECKING:
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
-           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype"]
+           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype",
+           "all_gather_rows"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -367,6 +368,19 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     dist.all_reduce(t, group=ctx.group)
     _record("all_reduce", 2 * (ctx.world - 1) * t.numel() * t.element_size() // ctx.world)
     return t
+
+
+def all_gather_rows(t: Tensor, ctx: DistContext, rows: int) -> Tensor:
+    """The whole ``[rows, ...]`` tensor from every rank's ``Shard(0)`` block ``t``
+    (:func:`torch.chunk` semantics: uneven or empty blocks): one ``all_gather`` of the
+    blocks padded to the chunk (recorded by :func:`count_bytes`)."""
+    chunk, counts = shard_rows(rows, ctx.world)
+    buf = t.new_zeros((chunk, *t.shape[1:]))
+    buf[:t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in range(ctx.world)]
+    dist.all_gather(parts, buf.contiguous(), group=ctx.group)
+    _record("all_gather", (ctx.world - 1) * buf.numel() * buf.element_size())
+    return torch.cat([x[:c] for x, c in zip(parts, counts)])
 
 
 def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:

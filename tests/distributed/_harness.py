@@ -159,9 +159,11 @@ def launch(fn: Callable[..., Any], out: Path, world: int = 2, timeout: float = 9
 
 def all_jobs(rank: int, world: int, out: Path) -> None:
     """Every test module's 2-process job in one launch (process start-up dominates)."""
+    import test_fsdp2_parity
     import test_lowrank_distributed
     import test_muon_distributed
 
-    for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed)):
+    for name, mod in (("muon", test_muon_distributed), ("lowrank", test_lowrank_distributed),
+                      ("parity", test_fsdp2_parity)):
         (out / name).mkdir(exist_ok=True)
         mod._job(rank, world, out / name)
