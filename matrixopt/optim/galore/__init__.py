@@ -52,10 +52,11 @@ What differs from galore-torch (the reference implementation):
   the shards' hooks (:func:`~matrixopt.optim._distributed.row_shards`: small
   all-reduces, TSQR). Residual norms, GaLoreAdafactor's row-spanning statistics
   and the parameter RMS are summed over the shards; 3-D stacks are sharded over
-  their matrices (the refresh gathers the stack's gradient, once per gap). Only
-  ``state_dtype="int8"`` (blocks of the whole flattened tensor) and the batch view
-  of a >= 4-D parameter gather whole matrices: a warning says so once, naming the
-  option; ``param_groups`` is never modified.
+  their matrices (the refresh gathers the stack's gradient, once per gap).
+  ``state_dtype="int8"`` runs on the shards where every shard's 256-entry blocks
+  are the whole tensor's; a matrix whose int8 blocks would straddle its shards,
+  and the batch view of a >= 4-D parameter, gather whole matrices: a warning says
+  so once, naming the option; ``param_groups`` is never modified.
 
 Cost per step and matrix: two GEMMs of :math:`2mnr` flops (project, project
 back) plus elementwise work on :math:`r\cdot\max(m,n)` values; at a refresh

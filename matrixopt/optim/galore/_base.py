@@ -18,8 +18,9 @@ from torch import Tensor
 
 from ...linalg.projectors import project, project_back, projection_side
 from .._common import MatrixOptimizer, _GroupChecker, check_grad, external_stacklevel
-from .._distributed import local_tensor, shard_rows
+from .._distributed import blocks_follow_shards, local_tensor, shard_rows
 from .._nonfinite import StepFlags
+from .._quant import BLOCK, MIN_QUANT_NUMEL
 from .._state import COUNTERS, check_state_dtype, counters_to_cpu_
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
@@ -47,12 +48,23 @@ def galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_t
                 matrix_view=matrix_view, proj_dtype=proj_dtype, nonfinite=nonfinite)
 
 
-def like_param(local: Tensor, p: Tensor) -> Tensor:
-    """``local`` (this rank's block, shaped like ``p``'s) as a DTensor sharded like the
-    DTensor parameter ``p``."""
+def like_param(local: Tensor, p: Tensor, world: int) -> Tensor:
+    """``local`` (this rank's block of a moment of the DTensor parameter ``p``) as a
+    DTensor sharded like ``p``; an int8 moment's scales (one per 256-entry block)
+    sharded with it when its blocks follow the shards, else a ``ValueError``."""
     from torch.distributed.tensor import DTensor
+    if local.shape == p.to_local().shape:  # type: ignore[attr-defined]
+        return DTensor.from_local(local, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                                  run_check=False, shape=p.shape, stride=p.stride())
+    row = p[0].numel() if p.ndim else 1
+    if p.ndim == 0 or not blocks_follow_shards(p.shape[0], row, world, BLOCK, MIN_QUANT_NUMEL):
+        raise ValueError(
+            f"state_dtype='int8' under FSDP2: the 256-entry blocks of the moments of a "
+            f"parameter of shape {tuple(p.shape)} straddle its {world} row shards; use "
+            f"state_dtype='bf16' for it (or a rank to project it)")
+    n = -(-p.numel() // BLOCK)
     return DTensor.from_local(local, p.device_mesh, p.placements,  # type: ignore[attr-defined]
-                              run_check=False, shape=p.shape, stride=p.stride())
+                              run_check=False, shape=torch.Size((n,)), stride=(1,))
 
 
 def check_galore_keys(check: _GroupChecker) -> None:
@@ -172,16 +184,33 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         """Under FSDP2: the option that keeps this matrix off its shards (it then runs
         on the gathered whole matrix with replicated state), or ``None``.
 
-        ``state_dtype="int8"``: the block-wise code of a moment or basis is cut into
-        blocks of the flattened whole tensor, which a row shard's boundary splits; the
+        ``state_dtype="int8"`` where a sharded tensor's 256-entry blocks would straddle
+        the shards (so its code and scales would differ from one process's); the
         ``matrix_view="batch"`` view of a >= 4-D parameter: its state's batch dim is
         not sharded like the parameter's dim 0."""
-        if group["state_dtype"] == "int8":
-            return "state_dtype='int8'"
         view = matrix_view(p.shape, group["matrix_view"])
         if view.batched and p.ndim > 3:
             return f"matrix_view='batch' of a {p.ndim}-D parameter"
+        if group["state_dtype"] == "int8" and not self._int8_on_shards(group, view):
+            return "state_dtype='int8' and shards that split its 256-entry blocks"
         return None
+
+    def _int8_on_shards(self, group: dict[str, Any], view: Any) -> bool:
+        """Whether every int8 tensor sharded over dim 0 (right: moments ``[m, r]``; left
+        and full: the basis ``[m, r]``; stacks: all ``[b, ...]``) quantises per shard as
+        one process quantises the whole (:func:`blocks_follow_shards`)."""
+        side = projection_side((view.m, view.n), group["proj_type"])
+        r = min(int(group["rank"]), view.m, view.n)
+        world = self._strategy.world
+        if view.batched:
+            r1, r2 = {"left": (r, view.n), "right": (view.m, r), "both": (r, r)}[side]
+            rows = [(view.b, r1 * r2)] + [(view.b, k * r) for k in
+                                          {"left": [view.m], "right": [view.n],
+                                           "both": [view.m, view.n]}[side]]
+        else:
+            rows = [(view.m, r)]
+        return all(blocks_follow_shards(n_rows, width, world, BLOCK, MIN_QUANT_NUMEL)
+                   for n_rows, width in rows)
 
     _refresh_is_eager = False
 

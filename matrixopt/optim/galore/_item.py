@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._distributed import local_tensor
+from .._quant import BLOCK
 from .._state import COUNTERS
 
 __all__ = ["Item"]
@@ -50,6 +51,7 @@ class Item:
         replicated): every batched tensor; for row shards the tensors with a row per
         matrix row (right side: the moments ``G P`` and their row statistics; left and
         full: the left basis)."""
+        key = key.removesuffix(_ABSMAX)  # an int8 tensor's scales: sharded with it
         if self.layout == "batch":
             return True
         if self.side == "right":
@@ -58,6 +60,7 @@ class Item:
 
 
 _PLAIN = frozenset(COUNTERS + ("step", "nonfinite_count"))
+_ABSMAX = "_absmax"
 
 
 class _LocalState(dict):  # type: ignore[type-arg]
@@ -81,6 +84,9 @@ class _LocalState(dict):  # type: ignore[type-arg]
             return DTensor.from_local(v, mesh, [Replicate()], run_check=False)
         whole = self.item.B if self.item.layout == "batch" else self.item.M
         shape = torch.Size((whole, *v.shape[1:]))
+        if k.endswith(_ABSMAX):  # one scale per block of the whole flattened tensor
+            codes = self[k.removesuffix(_ABSMAX)]
+            shape = torch.Size((-(-whole * codes[0].numel() // BLOCK),))
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(v, mesh, [Shard(0)], run_check=False, shape=shape,
                                   stride=stride)

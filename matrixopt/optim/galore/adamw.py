@@ -132,14 +132,16 @@ class GaLoreAdamW(GaLoreBase):
                     grads: list[Tensor], flags: StepFlags) -> None:
         states = [self.state[k] for k in keys]
         for k, st in zip(keys, states):
-            if "exp_avg" not in st:  # like the parameter: a DTensor under FSDP2
+            if "exp_avg" in st:
+                continue
+            if group["state_dtype"] is not None and self._strategy.sharded:
+                # a format other than the parameter's: created on the local shard,
+                # sharded like the parameter
+                init_adam_state(st, self._strategy.local(k), group["state_dtype"])
+                for key in [x for x in st if x != "step"]:
+                    st[key] = like_param(st[key], k, self._strategy.world)
+            else:  # like the parameter: a DTensor under FSDP2
                 init_adam_state(st, k, group["state_dtype"])
-                if group["state_dtype"] is not None and self._strategy.sharded:
-                    # a format other than the parameter's: created on the local shard,
-                    # sharded like the parameter
-                    init_adam_state(st, self._strategy.local(k), group["state_dtype"])
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        st[key] = like_param(st[key], k)
         if group["state_dtype"] is not None and self._strategy.sharded:
             # local views (sharing storage: the formats' in-place writes land in the shards)
             states = [{key: local_tensor(v) if isinstance(v, Tensor) else v
