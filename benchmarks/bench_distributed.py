@@ -16,6 +16,12 @@ step, ring algorithms (what each rank sends):
   step, one gradient reduce-scatter): ``2 (w-1)/w`` × padded parameter bytes,
   computed from the shard sizes.
 
+* GaLoreAdamW between refreshes (``--galore-sides``, default std/left/right, rank
+  ``d_model/4``, ``update_proj_gap=1000``: one warm-up step does the first refresh
+  outside the count): a right projection is local (moments ``G P`` row-sharded), a
+  left one all-reduces its ``r × n`` projected gradient, plus the skip flags' one
+  all-reduce per group.
+
 The orthogonalisation phase is the local compute of the matrices a rank owns
 (:func:`lpt_assign` plan), timed on each rank while the other ranks time theirs
 ("concurrent": on this shared 2-core machine the ranks compete for the cores)
@@ -24,6 +30,7 @@ repeated runs; the machine is shared, use the same-run ratio).
 
     python benchmarks/bench_distributed.py            # 2 ranks
     python benchmarks/bench_distributed.py --world 2 --d-model 128 --n-layer 4
+    python benchmarks/bench_distributed.py --d-model 512 --n-layer 2 --bytes-only
 
 ``--overlap``: Muon's FSDP2 step time with the pipelined exchange (asynchronous
 all-to-alls, ``pipeline_depth=2``: the next rounds travel while one is
@@ -107,7 +114,7 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
             opt.step()
         return (time.perf_counter() - t0) / STEPS
 
-    for name in ("adamw", "muon"):
+    for name in () if args.bytes_only else ("adamw", "muon"):
         model = DDP(_model(args, data.vocab_size))
         model.register_comm_hook(None, hook)
         opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if name == "adamw" else
@@ -137,6 +144,25 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
         with count_bytes() as c:
             res[f"fsdp_{name}_s"] = run(model, opt)
         res[f"fsdp_{name}_bytes"] = base + sum(c.values()) / STEPS
+    # GaLoreAdamW between refreshes, per projection side
+    for side in args.galore_sides:
+        model = _model(args, data.vocab_size)
+        fully_shard(model, reshard_after_forward=False)
+        opt = GaLoreAdamW(model.parameters(), lr=1e-3, rank=max(1, args.d_model // 4),
+                          update_proj_gap=1000, proj_type=side)
+        run_steps = STEPS
+        run(model, opt)  # the first refresh (and state creation) outside the count
+        with count_bytes() as c:
+            res[f"fsdp_galore_{side}_s"] = run(model, opt)
+        res[f"fsdp_galore_{side}_bytes"] = base + sum(c.values()) / run_steps
+        res[f"fsdp_galore_{side}_parts"] = dict(c)
+    if args.bytes_only:
+        gathered0: list[Any] = [None] * world
+        dist.all_gather_object(gathered0, res)
+        if rank == 0:
+            torch.save(gathered0, out)
+        dist.destroy_process_group()
+        return
 
     # orthogonalisation phase: this rank's share of the matrices
     mats = _muon_mats(_model(args, data.vocab_size))
@@ -211,6 +237,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--overlap", action="store_true", help="pipelined vs blocking Muon FSDP2 step")
     p.add_argument("--mats", type=int, default=10, help="--overlap: number of matrices")
     p.add_argument("--repeats", type=int, default=15, help="--overlap: timed steps per mode")
+    p.add_argument("--galore-sides", nargs="*", default=["std", "left", "right"],
+                   help="GaLoreAdamW proj_type values measured between refreshes")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="FSDP2 bytes only: skip DDP and the orthogonalisation timing")
     args = p.parse_args(argv)
     import socket
     import tempfile
@@ -222,16 +252,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return overlap(args, port, out)
     mp.spawn(_job, args=(args.world, port, args, out), nprocs=args.world)
     per_rank = torch.load(out, weights_only=False)
-    torch.set_num_threads(1)
-    mats = _muon_mats(_model(args, CharData().vocab_size))
-    single = median_time(lambda: _batched(mats, _orth), min_run_time=args.min_time)
-    # each rank's share timed alone (no other rank competing for the cores)
-    owner = lpt_assign([matrix_cost(*m.shape) for m in mats], args.world)
-    alone = [median_time(lambda r=r: _batched([m for m, o in zip(mats, owner) if o == r], _orth),
-                         min_run_time=args.min_time) for r in range(args.world)]
-
     r0 = per_rank[0]
-    rows = [
+    rows = [] if args.bytes_only else [
         {"setup": "DDP", "AdamW B/step": r0["ddp_adamw_bytes"], "Muon B/step": r0["ddp_muon_bytes"],
          "ratio": r0["ddp_muon_bytes"] / r0["ddp_adamw_bytes"]},
         {"setup": "FSDP2", "AdamW B/step": r0["fsdp_adamw_bytes"],
@@ -242,12 +264,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "optimizer B/step": r0[f"fsdp_{key}_bytes"],
               "ratio": r0[f"fsdp_{key}_bytes"] / r0["fsdp_adamw_bytes"]}
              for key, label in (("adafactor", "Adafactor"),
-                                ("galore", "GaLoreAdamW r=d/4, refresh every 2 steps"))]
+                                ("galore", "GaLoreAdamW right, refresh every 2 steps"),
+                                *[(f"galore_{s}", f"GaLoreAdamW {s}, between refreshes")
+                                  for s in args.galore_sides])]
     print(machine_description())
     print(f"model: GPT d_model={args.d_model} n_layer={args.n_layer}; {args.world} gloo ranks, "
-          f"1 thread each; bytes per rank per step (ring accounting)")
+          f"1 thread each; bytes per rank per step (ring accounting); GaLore rank "
+          f"{max(1, args.d_model // 4)}")
     print_table(rows, ["setup", "AdamW B/step", "Muon B/step", "optimizer B/step", "ratio"],
                 title="bytes communicated per step")
+    if args.bytes_only:
+        return rows
+    torch.set_num_threads(1)
+    mats = _muon_mats(_model(args, CharData().vocab_size))
+    single = median_time(lambda: _batched(mats, _orth), min_run_time=args.min_time)
+    # each rank's share timed alone (no other rank competing for the cores)
+    owner = lpt_assign([matrix_cost(*m.shape) for m in mats], args.world)
+    alone = [median_time(lambda r=r: _batched([m for m, o in zip(mats, owner) if o == r], _orth),
+                         min_run_time=args.min_time) for r in range(args.world)]
     trows = [{"rank": r, "flop share": res["ortho_share"],
               "ms (ranks concurrent)": 1e3 * res["ortho_s"], "ms (alone)": 1e3 * alone[r],
               "alone vs single": alone[r] / single} for r, res in enumerate(per_rank)]

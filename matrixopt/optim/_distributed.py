@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
            "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype",
-           "fsdp_rounds"]
+           "fsdp_rounds", "all_gather_rows", "blocks_follow_shards"]
 
 _COUNTERS: list[dict[str, int]] = []
 
@@ -432,6 +432,37 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     dist.all_reduce(t, group=ctx.group)
     _record("all_reduce", 2 * (ctx.world - 1) * t.numel() * t.element_size() // ctx.world)
     return t
+
+
+def blocks_follow_shards(rows: int, row_numel: int, world: int, block: int,
+                         min_numel: int) -> bool:
+    """Whether block-wise quantisation of each ``Shard(0)`` block of a ``[rows, ...]``
+    tensor (``row_numel`` entries per row) is the whole tensor's: the same format
+    decision on every rank (all below ``min_numel``, or every block at least that) and
+    each block starting on a ``block`` boundary, with the per-block scales
+    ``[ceil(numel/block)]`` then sharded as :func:`torch.chunk` cuts them."""
+    total = rows * row_numel
+    if total < min_numel:
+        return True
+    _, counts = shard_rows(rows, world)
+    sizes = [c * row_numel for c in counts]
+    if min(sizes) < min_numel or any(x % block for x in sizes[:-1]):
+        return False
+    _, scales = shard_rows(-(-total // block), world)
+    return scales == [-(-x // block) for x in sizes]
+
+
+def all_gather_rows(t: Tensor, ctx: DistContext, rows: int) -> Tensor:
+    """The whole ``[rows, ...]`` tensor from every rank's ``Shard(0)`` block ``t``
+    (:func:`torch.chunk` semantics: uneven or empty blocks): one ``all_gather`` of the
+    blocks padded to the chunk (recorded by :func:`count_bytes`)."""
+    chunk, counts = shard_rows(rows, ctx.world)
+    buf = t.new_zeros((chunk, *t.shape[1:]))
+    buf[:t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in range(ctx.world)]
+    dist.all_gather(parts, buf.contiguous(), group=ctx.group)
+    _record("all_gather", (ctx.world - 1) * buf.numel() * buf.element_size())
+    return torch.cat([x[:c] for x, c in zip(parts, counts)])
 
 
 def _tsqr(Y: Tensor, ctx: DistContext, chunk: int) -> tuple[Tensor, Tensor]:

@@ -158,13 +158,17 @@ def launch(fn: Callable[..., Any], out: Path, world: int = 2, timeout: float = 9
             raise TimeoutError(f"distributed workers did not finish within {timeout} s")
 
 
-#: test modules ``test_<name>_distributed.py`` whose ``_job`` runs in the shared launch
-SHARED_LAUNCH = ("muon", "lowrank", "operators", "shampoo", "muon_pipeline", "adafactor_int8")
+#: ``{name: test module}`` whose ``_job`` runs in the shared launch (results under ``out/name``)
+SHARED_LAUNCH = {"muon": "test_muon_distributed", "lowrank": "test_lowrank_distributed",
+                 "parity": "test_fsdp2_parity", "operators": "test_operators_distributed",
+                 "shampoo": "test_shampoo_distributed",
+                 "muon_pipeline": "test_muon_pipeline_distributed",
+                 "adafactor_int8": "test_adafactor_int8_distributed"}
 
 
 def all_jobs(rank: int, world: int, out: Path) -> None:
     """Every test module's 2-process job in one launch (process start-up dominates)."""
-    for name in SHARED_LAUNCH:
-        mod = importlib.import_module(f"test_{name}_distributed")
+    for name, module in SHARED_LAUNCH.items():
+        mod = importlib.import_module(module)
         (out / name).mkdir(exist_ok=True)
         mod._job(rank, world, out / name)

@@ -18,6 +18,13 @@ limiter :math:`\|S_t\| \le \gamma\|S_{t-1}\|`. A channel is a column of
 
 Everything here is pure tensor math on local tensors; the basis products are
 callables (``back``), so the same code serves one process and row shards.
+**Row shards** (FSDP2): with ``reduce`` given (a callable summing a tensor over
+the shards in place), :math:`W`, :math:`G` and :math:`S` are the local rows of
+the matrices, and so are :math:`R`, :math:`N` for a right basis (a left or full
+basis gives replicated ``r × n`` / ``r × r`` ones); every norm whose sum runs
+over the rows (column norms, whole-matrix norms) sums its squares through
+``reduce``: at most three small all-reduces per matrix per step, none without a
+residual.
 ``flags`` folds the ``nonfinite="skip"`` policy into the writes (a skipped
 matrix gets :math:`d = 1`, :math:`c = 0` and keeps its limiter state).
 """
@@ -37,9 +44,20 @@ __all__ = ["channel_norms", "growth_factor", "galore_apply_"]
 _OFF = StepFlags.off()
 
 
-def channel_norms(X: Tensor, side: str, granularity: str) -> Tensor:
+Reduce = Callable[[Tensor], Tensor]
+
+
+def channel_norms(X: Tensor, side: str, granularity: str, reduce: Reduce | None = None
+                  ) -> Tensor:
     """Norms of ``X`` ``[b, m, n]`` over the projected dim per channel (``[b, 1, n]``
-    for a left basis, ``[b, m, 1]`` for a right one) or per matrix (``"tensor"``)."""
+    for a left basis, ``[b, m, 1]`` for a right one) or per matrix (``"tensor"``).
+    ``reduce``: ``X`` holds the local rows, and sums over rows run through it."""
+    if reduce is not None:
+        if granularity == "tensor" or side == "both":
+            return reduce(X.square().sum(dim=(-2, -1), keepdim=True)).sqrt_()
+        if side == "right":  # a row's norm is local
+            return X.square().sum(dim=-1, keepdim=True).sqrt_()
+        return reduce(X.square().sum(dim=-2, keepdim=True)).sqrt_()
     if granularity == "tensor" or side == "both":
         return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     if side == "right":
@@ -63,7 +81,8 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
                   side: str, back: Callable[[Tensor], Tensor], c: Any, d: Any, scale: float,
                   residual: str | None = None, granularity: str = "channel",
                   gamma: float | None = None, residual_norm: Tensor | None = None,
-                  basis: Tensor | None = None, flags: StepFlags = _OFF) -> None:
+                  basis: Tensor | None = None, flags: StepFlags = _OFF,
+                  reduce: Reduce | None = None) -> None:
     r""":math:`W \leftarrow d\,W - c\,\alpha(\mathrm{back}(N) [+ \text{residual}])` in place.
 
     Args:
@@ -77,6 +96,8 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
         basis: the basis when one GEMM can add ``P N`` / ``N Pᵀ`` into ``p`` directly
             (same dtype, one side), else ``None`` (``back`` is used).
         flags: one entry (this matrix).
+        reduce: row shards (module docstring): sums over the rows run through it;
+            ``None``: whole matrices.
     """
     b, m, n = shape3
     p3 = p.view(b, m, n) if p.is_contiguous() else None
@@ -87,9 +108,19 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
     alpha = flags.weight(0, -c * scale, 0.0, N)
     decay = flags.weight(0, d, 1.0, p)
     gain = None
+    # R and N are row-sharded only for a right basis (else replicated: nothing to sum)
+    low = reduce if side == "right" else None
     if residual is not None:
-        Rn = channel_norms(R, side, granularity)
-        gain = torch.where(Rn > 0, channel_norms(N, side, granularity) / Rn, torch.zeros_like(Rn))
+        Rn = channel_norms(R, side, granularity, low)
+        gain = torch.where(Rn > 0, channel_norms(N, side, granularity, low) / Rn,
+                           torch.zeros_like(Rn))
+
+    def norm2(X: Tensor, rows: bool) -> Tensor:
+        """||X|| per matrix ``[b]``; ``rows``: X holds local rows (summed over shards)."""
+        if reduce is None:
+            return torch.linalg.vector_norm(X, dim=(-2, -1))
+        sq = X.square().sum(dim=(-2, -1))
+        return (reduce(sq) if rows else sq).sqrt_()
 
     def limited(norm: Tensor) -> Tensor:
         assert residual_norm is not None
@@ -104,7 +135,9 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
         assert gain is not None
         Gd = G.to(N.dtype)
         # ||G diag(s)|| from G's channel norms: the scaled gradient is never built
-        norm = torch.linalg.vector_norm(channel_norms(Gd, side, granularity) * gain, dim=(-2, -1))
+        cn = channel_norms(Gd, side, granularity, reduce)
+        # only a right basis' per-row norms are still local rows here
+        norm = norm2(cn * gain, rows=side == "right" and granularity == "channel")
         s = gain * limited(norm) * alpha
         if p3 is not None and p.dtype == Gd.dtype:
             p3.addcmul_(Gd, s)
@@ -127,7 +160,7 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
         assert gain is not None
         S = G.to(N.dtype) - back(R)
         S.mul_(gain)
-        S.mul_(limited(torch.linalg.vector_norm(S, dim=(-2, -1))) * alpha)
+        S.mul_(limited(norm2(S, rows=True)) * alpha)
         if p3 is not None and p.dtype == S.dtype:
             p3.add_(S)
         else:

@@ -43,12 +43,20 @@ What differs from galore-torch (the reference implementation):
   ``projector``, ``projector_right``, ``seed``, ``iteration``, ``refresh_step``,
   ``refresh_offset``, ``residual_norm``); the four scalar counters are int64 CPU
   tensors, as torch keeps ``step``.
-* **FSDP2** (``Shard(0)`` DTensor parameters): GaLoreAdamW matrices projected on
-  the right run on their row shards (``G P`` and the moments row-sharded, the
-  ``n × r`` basis replicated, the refresh by
-  :func:`~matrixopt.optim._distributed.sharded_right_basis` with small
-  all-reduces). Other configurations gather each such matrix (a warning says
-  so once; ``param_groups`` is never modified).
+* **FSDP2** (``Shard(0)`` DTensor parameters): every matrix runs on its shard
+  with the side one process would pick. A right basis: ``G P`` and the moments
+  row-sharded, the ``n × r`` basis replicated, nothing communicated between
+  refreshes. A left basis: the ``m × r`` basis row-sharded like the parameter,
+  :math:`Q^\top G` a local product plus one all-reduce of ``r × n``, the moments
+  replicated, :math:`Q N` local. Full: both. The refresh is ``lowrank_basis`` with
+  the shards' hooks (:func:`~matrixopt.optim._distributed.row_shards`: small
+  all-reduces, TSQR). Residual norms, GaLoreAdafactor's row-spanning statistics
+  and the parameter RMS are summed over the shards; 3-D stacks are sharded over
+  their matrices (the refresh gathers the stack's gradient, once per gap).
+  ``state_dtype="int8"`` runs on the shards where every shard's 256-entry blocks
+  are the whole tensor's; a matrix whose int8 blocks would straddle its shards,
+  and the batch view of a >= 4-D parameter, gather whole matrices: a warning says
+  so once, naming the option; ``param_groups`` is never modified.
 
 Cost per step and matrix: two GEMMs of :math:`2mnr` flops (project, project
 back) plus elementwise work on :math:`r\cdot\max(m,n)` values; at a refresh

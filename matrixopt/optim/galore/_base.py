@@ -18,8 +18,9 @@ from torch import Tensor
 
 from ...linalg.projectors import project, project_back, projection_side
 from .._common import MatrixOptimizer, _GroupChecker, check_grad, external_stacklevel
-from .._distributed import local_tensor, shard_rows
+from .._distributed import blocks_follow_shards, local_tensor, shard_rows
 from .._nonfinite import StepFlags
+from .._quant import BLOCK, MIN_QUANT_NUMEL
 from .._state import COUNTERS, check_state_dtype, counters_to_cpu_
 from .._views import VIEWS, matrix_view
 from ..functional.galore import galore_apply_
@@ -45,6 +46,25 @@ def galore_defaults(rank: int | None, update_proj_gap: int, scale: float, proj_t
                 residual=residual, residual_granularity=residual_granularity,
                 norm_growth_limit=norm_growth_limit, stagger=stagger, seed=seed,
                 matrix_view=matrix_view, proj_dtype=proj_dtype, nonfinite=nonfinite)
+
+
+def like_param(local: Tensor, p: Tensor, world: int) -> Tensor:
+    """``local`` (this rank's block of a moment of the DTensor parameter ``p``) as a
+    DTensor sharded like ``p``; an int8 moment's scales (one per 256-entry block)
+    sharded with it when its blocks follow the shards, else a ``ValueError``."""
+    from torch.distributed.tensor import DTensor
+    if local.shape == p.to_local().shape:  # type: ignore[attr-defined]
+        return DTensor.from_local(local, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                                  run_check=False, shape=p.shape, stride=p.stride())
+    row = p[0].numel() if p.ndim else 1
+    if p.ndim == 0 or not blocks_follow_shards(p.shape[0], row, world, BLOCK, MIN_QUANT_NUMEL):
+        raise ValueError(
+            f"state_dtype='int8' under FSDP2: the 256-entry blocks of the moments of a "
+            f"parameter of shape {tuple(p.shape)} straddle its {world} row shards; use "
+            f"state_dtype='bf16' for it (or a rank to project it)")
+    n = -(-p.numel() // BLOCK)
+    return DTensor.from_local(local, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=torch.Size((n,)), stride=(1,))
 
 
 def check_galore_keys(check: _GroupChecker) -> None:
@@ -81,7 +101,10 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         ``grads``."""
 
     @abc.abstractmethod
-    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None: ...
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor,
+                    whole: tuple[int, ...]) -> None:
+        """Create the inner optimizer's state for projected gradients shaped like
+        ``like`` (local), of shape ``whole`` across the shards."""
 
     @abc.abstractmethod
     def _inner_direction(self, group: dict[str, Any], item: Item, R: Tensor, flags: StepFlags
@@ -103,7 +126,7 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         self._warn_no_rank()
 
     def _check_strategy(self) -> None:
-        self._warned_whole = False
+        self._warned_whole: set[str] = set()
 
     def _check_group(self, check: _GroupChecker) -> None:
         check_galore_keys(check)
@@ -157,17 +180,38 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
                 f"or put these parameters in a group without rank",
                 stacklevel=external_stacklevel())
 
-    def _on_shards(self, group: dict[str, Any], p: Tensor) -> bool:
-        """Under FSDP2: whether this matrix runs on its row shard (GaLoreAdamW, one matrix
-        projected on the right, no residual/state_dtype/proj_dtype), else on the gathered
-        whole matrix."""
-        view = matrix_view(p.shape, group["matrix_view"])
-        side = projection_side((view.m, view.n), group["proj_type"])
-        return (self._shardable_inner and side == "right" and not view.batched
-                and group["residual"] is None and group["state_dtype"] is None
-                and group["proj_dtype"] is None)
+    def _needs_whole(self, group: dict[str, Any], p: Tensor) -> str | None:
+        """Under FSDP2: the option that keeps this matrix off its shards (it then runs
+        on the gathered whole matrix with replicated state), or ``None``.
 
-    _shardable_inner = False
+        ``state_dtype="int8"`` where a sharded tensor's 256-entry blocks would straddle
+        the shards (so its code and scales would differ from one process's); the
+        ``matrix_view="batch"`` view of a >= 4-D parameter: its state's batch dim is
+        not sharded like the parameter's dim 0."""
+        view = matrix_view(p.shape, group["matrix_view"])
+        if view.batched and p.ndim > 3:
+            return f"matrix_view='batch' of a {p.ndim}-D parameter"
+        if group["state_dtype"] == "int8" and not self._int8_on_shards(group, view):
+            return "state_dtype='int8' and shards that split its 256-entry blocks"
+        return None
+
+    def _int8_on_shards(self, group: dict[str, Any], view: Any) -> bool:
+        """Whether every int8 tensor sharded over dim 0 (right: moments ``[m, r]``; left
+        and full: the basis ``[m, r]``; stacks: all ``[b, ...]``) quantises per shard as
+        one process quantises the whole (:func:`blocks_follow_shards`)."""
+        side = projection_side((view.m, view.n), group["proj_type"])
+        r = min(int(group["rank"]), view.m, view.n)
+        world = self._strategy.world
+        if view.batched:
+            r1, r2 = {"left": (r, view.n), "right": (view.m, r), "both": (r, r)}[side]
+            rows = [(view.b, r1 * r2)] + [(view.b, k * r) for k in
+                                          {"left": [view.m], "right": [view.n],
+                                           "both": [view.m, view.n]}[side]]
+        else:
+            rows = [(view.m, r)]
+        return all(blocks_follow_shards(n_rows, width, world, BLOCK, MIN_QUANT_NUMEL)
+                   for n_rows, width in rows)
+
     _refresh_is_eager = False
 
     # -------------------------------------------------------------------- step
@@ -204,7 +248,11 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
                      [strategy.local(p).device for p in plain] + [it.p.device for it in its])
 
     def _items(self, group: dict[str, Any], params: list[Tensor]) -> list[Item]:
-        """The step's view of each projected parameter; creates missing state."""
+        """The step's view of each projected parameter; creates missing state.
+
+        Under FSDP2 a matrix runs on its local block of dim 0 (see :class:`Item`):
+        rows of a 2-D or flattened matrix, or whole matrices of a 3-D stack; the
+        projection side is the whole matrix's, as in one process."""
         strategy = self._strategy
         pos = self._positions()
         items: list[Item] = []
@@ -213,42 +261,51 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
             view = matrix_view(p.shape, group["matrix_view"])
             b, m, n = view.b, view.m, view.n
             state: dict[str, Any] = self.state[p]
-            on_shards = strategy.sharded and self._on_shards(group, p)
             whole = None
-            if strategy.sharded and not on_shards:
-                self._warn_whole(group)
-                whole = p.full_tensor()  # type: ignore[attr-defined]
+            layout = None
+            if strategy.sharded:
+                why = self._needs_whole(group, p)
+                if why is not None:
+                    self._warn_whole(why)
+                    whole = p.full_tensor()  # type: ignore[attr-defined]
+                else:
+                    layout = "batch" if view.batched else "rows"
+            if whole is not None:
                 wp, wg = whole, p.grad.full_tensor()  # type: ignore[union-attr]
             else:
                 wp, wg = strategy.local(p), strategy.local(p.grad)  # type: ignore[arg-type]
-            rows = wg.shape[0] if on_shards else m
-            side = "right" if on_shards else projection_side((m, n), group["proj_type"])
-            item = Item(key=p, p=wp, state=state, G=wg.reshape(b, rows, n), b=b, m=rows, n=n,
-                        batched=view.batched, side=side, rank=min(int(group["rank"]), m, n),
-                        M=m, index=len(items), sharded=on_shards, whole=whole)
-            counters_to_cpu_(state, COUNTERS + ("step",))  # a converted checkpoint's
-            if "iteration" not in state:
+            start = 0
+            if layout is not None:
+                chunk, counts = shard_rows(p.shape[0], strategy.world)
+                start = min(strategy.rank * chunk, p.shape[0] - counts[strategy.rank])
+            bl = wg.shape[0] if layout == "batch" else b
+            rows = wg.shape[0] if layout == "rows" else m
+            item = Item(key=p, p=wp, state=state, G=wg.reshape(bl, rows, n), b=bl, m=rows, n=n,
+                        batched=view.batched, side=projection_side((m, n), group["proj_type"]),
+                        rank=min(int(group["rank"]), m, n), M=m, index=len(items),
+                        layout=layout, B=b, start=start, whole=whole,
+                        reduce=strategy.reduce if layout == "rows" else None)
+            if layout is not None:  # DTensor state: the step works on plain local views
+                item.state = _LocalState(state, item)
+            counters_to_cpu_(item.state, COUNTERS + ("step",))  # a converted checkpoint's
+            if "iteration" not in item.state:
                 gi, j = pos[id(p)]
                 ordinal = sum(len(g["params"]) for g in self.param_groups[:gi]) + j
                 self._init_state(group, item, seed=int(group["seed"]) + ordinal)
                 fresh.append(item)
-            if on_shards:  # DTensor state: the step works on plain local views
-                item.state = _LocalState(state)
             items.append(item)
         if fresh:
             self._assign_offsets(group, fresh)
         return items
 
-    def _warn_whole(self, group: dict[str, Any]) -> None:
-        if self._warned_whole:
+    def _warn_whole(self, why: str) -> None:
+        if why in self._warned_whole:
             return
-        self._warned_whole = True
+        self._warned_whole.add(why)
         warnings.warn(
-            f"{type(self).__name__}: this configuration (proj_type={group['proj_type']!r}, "
-            f"residual={group['residual']!r}, state_dtype={group['state_dtype']!r}, "
-            f"proj_dtype={group['proj_dtype']!r}, stacked matrices or an Adafactor inner "
-            f"optimizer) does not run on FSDP2 row shards yet: each such matrix and its "
-            f"gradient are all-gathered every step and its state is replicated",
+            f"{type(self).__name__}: under FSDP2, matrices with {why} do not run on their "
+            f"row shards: each such matrix and its gradient are all-gathered every step "
+            f"and its state is replicated (every other option runs on the shards)",
             stacklevel=4)
 
     def _init_state(self, group: dict[str, Any], item: Item, seed: int) -> None:
@@ -259,18 +316,13 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
         r1, r2 = {"left": (item.rank, item.n), "right": (item.m, item.rank),
                   "both": (item.rank, item.rank)}[item.side]
         dt = torch.promote_types(item.G.dtype, self._basis_dtype(item.p))
-        like: Tensor
-        if item.sharded:
-            # FSDP2 (right side, b == 1): the moments G P are [M, r], row-sharded like p
-            from torch.distributed.tensor import Shard
-            from torch.distributed.tensor import empty as dempty
-            like = dempty((item.M, r2), dtype=dt,
-                          device_mesh=item.key.device_mesh,  # type: ignore[attr-defined]
-                          placements=[Shard(0)])
-        else:
-            like = torch.empty((item.b, r1, r2) if item.batched else (r1, r2), dtype=dt,
-                               device=item.p.device)
-        self._init_inner(group, st, like)
+        # local tensors (FSDP2: written back as DTensors, see _LocalState); the whole
+        # projected shape decides what depends on it (Adafactor's factoring)
+        like = torch.empty((item.b, r1, r2) if item.batched else (r1, r2), dtype=dt,
+                           device=item.p.device)
+        whole = ((item.B, r1, r2) if item.batched else
+                 (item.M if item.side == "right" else r1, r2))
+        self._init_inner(group, st, like, whole)
         if group["residual"] is not None:
             st["residual_norm"] = torch.zeros(item.b, dtype=torch.float32, device=item.p.device)
 
@@ -292,8 +344,7 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
             it.G = one.safe([it.G])[0]
             if not it.bases:
                 it.bases = self._load_bases(group, it)
-            R = project(it.G if pd is None else it.G.to(pd), self._proj_bases(group, it),
-                        self._ptype(group, it))
+            R = self._project(group, it)
             N, c, d = self._inner_direction(group, it, R, one)
             fused = (it.p.dtype == N.dtype and it.side != "both" and pd in (None, it.p.dtype))
 
@@ -306,11 +357,23 @@ class GaLoreBase(MatrixOptimizer, GaLoreRefresh, metaclass=abc.ABCMeta):
                           granularity=group["residual_granularity"],
                           gamma=group["norm_growth_limit"],
                           residual_norm=it.state.get("residual_norm"),
-                          basis=it.bases[0] if fused else None, flags=one)
+                          basis=it.bases[0] if fused else None, flags=one, reduce=it.reduce)
             # release this matrix's safe gradient copy before the next matrix
             it.bases, it.proj, it.G = [], None, it.G.new_empty(0)
 
     # ---------------------------------------------------------------- products
+    def _project(self, group: dict[str, Any], item: Item) -> Tensor:
+        """The projected gradient: ``G P`` (right), ``Qᵀ G`` (left), ``Qᵀ G P`` (full).
+        On row shards a left product is a sum over the shards: one all-reduce of the
+        ``r × n`` (or ``r × r``) result, in float32 at least."""
+        pd = group["proj_dtype"]
+        R = project(item.G if pd is None else item.G.to(pd), self._proj_bases(group, item),
+                    self._ptype(group, item))
+        if item.reduce is not None and item.side != "right":
+            wide = torch.promote_types(R.dtype, torch.float32)
+            R = item.reduce(R.to(wide).contiguous()).to(R.dtype)
+        return R
+
     @staticmethod
     def _proj_bases(group: dict[str, Any], item: Item) -> Any:
         """The basis (or pair) in the dtype the projection GEMMs run in (cached per step)."""

@@ -4,8 +4,12 @@
   ``update_proj_gap`` (:meth:`GaLoreRefresh._assign_offsets`), decided from CPU
   counters (:meth:`GaLoreRefresh._due`);
 * range finder: one batched :func:`~matrixopt.linalg.projectors.lowrank_basis`
-  per bucket of same-shape matrices refreshing together, or the sharded one
-  (:func:`~matrixopt.optim._distributed.sharded_right_basis`) on FSDP2 row shards;
+  per bucket of same-shape matrices refreshing together; on FSDP2 row shards the
+  same function with the shards' hooks (:func:`~matrixopt.optim._distributed.row_shards`:
+  a right basis replicated, a left one as this rank's rows, only small
+  all-reduces); a 3-D stack sharded over its matrices gathers its gradient at the
+  refresh only (one all-gather per ``update_proj_gap`` steps), so every rank draws
+  the single-process sketch, and keeps its own matrices' bases;
   ``projector="random"`` bases are regenerated from (seed, refresh step);
 * storage of the bases in ``state_dtype`` (:meth:`GaLoreRefresh._store_bases`);
 * the moments follow the basis (``on_refresh``): the inner optimizer's
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from ...linalg.projectors import basis_overlap, lowrank_basis
 from .._dist import Strategy
-from .._distributed import sharded_right_basis
+from .._distributed import all_gather_rows, row_shards
 from .._nonfinite import StepFlags
 from .._state import ABSMAX, init_moment, load_moment, store_moment
 from .._views import matrix_view
@@ -129,12 +133,38 @@ class GaLoreRefresh(abc.ABC):
     def _random_bases(self, item: Item, refresh_step: int) -> list[Tensor]:
         seed = (int(item.state["seed"]) * _SEED_STRIDE + refresh_step) % (2 ** 62)
         dt = self._basis_dtype(item.p)
-        # the basis depends on the full shape only (G is not read): a row shard stands in
-        G = item.G if item.M == item.m else item.G.new_zeros(()).expand(item.b, item.M, item.n)
-        return [lowrank_basis(G, item.rank, method="random", side=s,  # type: ignore[arg-type]
-                              seed=self._generator(seed + i, G.device), dtype=dt,
+        # the basis depends on the whole shape only (G is not read): drawn whole and
+        # sliced to this rank's block on shards (a left basis' rows, a stack's matrices)
+        whole = item.G if item.layout is None else item.G.new_zeros(()).expand(
+            item.B, item.M, item.n)
+        out = []
+        for i, s in enumerate(self._sides(item)):
+            P = lowrank_basis(whole, item.rank, method="random", side=s,  # type: ignore[arg-type]
+                              seed=self._generator(seed + i, whole.device), dtype=dt,
                               check_finite=False)
-                for i, s in enumerate(self._sides(item))]
+            out.append(self._mine(item, P, s))
+        return out
+
+    @staticmethod
+    def _mine(item: Item, P: Tensor, side: str) -> Tensor:
+        """This rank's block of a whole basis ``[B, k, r]`` (see :class:`Item`)."""
+        if item.layout == "batch":
+            return P[item.start:item.start + item.b]
+        if item.layout == "rows" and side == "left":
+            return P[:, item.start:item.start + item.m]
+        return P
+
+    def _overlap(self, item: Item, new: list[Tensor], old: list[Tensor]) -> Any:
+        """:func:`~matrixopt.linalg.projectors.basis_overlap` per side; a left basis on
+        row shards sums its ``r × r`` product over the shards."""
+        out = []
+        for s, nb, o in zip(self._sides(item), new, old):
+            Q = basis_overlap(nb, o, s)  # type: ignore[arg-type]
+            assert isinstance(Q, Tensor)
+            if item.reduce is not None and s == "left":
+                Q = item.reduce(Q.contiguous())
+            out.append(Q)
+        return (out[0], out[1]) if item.side == "both" else out[0]
 
     def _basis_keys(self, item: Item) -> list[str]:
         return ["projector", "projector_right"] if item.side == "both" else ["projector"]
@@ -192,12 +222,8 @@ class GaLoreRefresh(abc.ABC):
                 continue
             if group["on_refresh"] == "reset":
                 self._inner_reset(group, it, one)
-            elif it.side == "both":
-                self._inner_transport(group, it, (basis_overlap(nb[0], o[0], "left"),
-                                                  basis_overlap(nb[1], o[1], "right")), one)
             else:
-                self._inner_transport(group, it, basis_overlap(nb[0], o[0], it.side),  # type: ignore[arg-type]
-                                      one)
+                self._inner_transport(group, it, self._overlap(it, nb, o), one)
 
     def _new_bases(self, group: dict[str, Any], items: list[Item],
                    old: list[list[Tensor] | None], flags: StepFlags) -> list[list[Tensor]]:
@@ -208,29 +234,42 @@ class GaLoreRefresh(abc.ABC):
         buckets: dict[tuple[Any, ...], list[int]] = {}
         for i, it in enumerate(items):
             key = (it.M, it.m, it.n, it.side, it.rank, it.G.dtype, it.p.device,
-                   old[i] is not None, it.sharded)
+                   old[i] is not None, it.layout)
             buckets.setdefault(key, []).append(i)
-        for (rows, _m, _n, _s, rank, _d, _dev, warm, sharded), idx in buckets.items():
+        for (rows, _m, _n, _s, rank, _d, _dev, warm, layout), idx in buckets.items():
             first = items[idx[0]]
             # a skipped matrix's gradient is zeros here: nothing NaN enters a batch
-            safe = [flags.subset([i]).safe([items[i].G])[0] for i in idx]
+            safe = [self._refresh_input(items[i], flags.subset([i]).safe([items[i].G])[0])
+                    for i in idx]
             G = torch.cat(safe, dim=0) if len(idx) > 1 else safe[0]
             seed = (int(first.state["seed"]) * _SEED_STRIDE
                     + int(first.state["iteration"])) % (2 ** 62)
+            shards = (row_shards(self._strategy.ctx, rows)  # type: ignore[attr-defined]
+                      if layout == "rows" else None)
             for k, side in enumerate(self._sides(first)):
                 prev = None
                 if warm:
-                    prevs = [old[i][k] for i in idx]  # type: ignore[index]
+                    prevs = [self._refresh_input(items[i], old[i][k])  # type: ignore[index]
+                             for i in idx]
                     prev = torch.cat(prevs, dim=0) if len(prevs) > 1 else prevs[0]
                 gen = self._generator(seed + k, G.device)
                 dt = self._basis_dtype(first.p)
-                if sharded:  # FSDP2 row shards, right side: only small all-reduces
-                    P = sharded_right_basis(self._strategy.ctx,  # type: ignore[attr-defined]
-                                            G, rows, rank, method=method, previous=prev,
-                                            seed=gen, dtype=dt)
-                else:
-                    P = lowrank_basis(G, rank, method=method, side=side,  # type: ignore[arg-type]
-                                      previous=prev, seed=gen, dtype=dt, check_finite=False)
-                for i, chunk in zip(idx, P.split([items[i].b for i in idx], dim=0)):
-                    new[i].append(chunk)
+                # on row shards: linalg's range finder through the shards' hooks (only
+                # small all-reduces; a left basis comes back as this rank's rows)
+                P = lowrank_basis(G, rank, method=method, side=side,  # type: ignore[arg-type]
+                                  previous=prev, seed=gen, dtype=dt, check_finite=False,
+                                  shards=shards)
+                sizes = [items[i].B if layout == "batch" else items[i].b for i in idx]
+                for i, chunk in zip(idx, P.split(sizes, dim=0)):
+                    new[i].append(self._mine(items[i], chunk, side) if layout == "batch"
+                                  else chunk)
         return new
+
+    def _refresh_input(self, item: Item, t: Tensor) -> Tensor:
+        """A refresh input (gradient or previous basis) as the range finder takes it: a
+        3-D stack sharded over its matrices is gathered whole (every rank then draws the
+        single-process sketch); row shards and whole matrices as they are."""
+        if item.layout != "batch":
+            return t
+        return all_gather_rows(t.contiguous(), self._strategy.ctx,  # type: ignore[attr-defined]
+                               item.B)

@@ -96,9 +96,10 @@ class GaLoreAdafactor(GaLoreBase):
     def _factored(group: dict[str, Any], shape: tuple[int, ...]) -> bool:
         return min(shape[-2:]) >= int(group["min_dim_size_to_factor"])
 
-    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor,
+                    whole: tuple[int, ...]) -> None:
         nd = like.ndim
-        dims = (nd - 2, nd - 1) if self._factored(group, tuple(like.shape)) else None
+        dims = (nd - 2, nd - 1) if self._factored(group, whole) else None
         init_adafactor_state(state, like, dims, group["beta1"], group["momentum_dtype"],
                              group["state_dtype"])
 
@@ -111,14 +112,35 @@ class GaLoreAdafactor(GaLoreBase):
             return self._w(st[k]) if k in st else None
 
         factored = "exp_avg_sq_row" in st
-        u, _ = precondition_(R, w("exp_avg_sq_row"), w("exp_avg_sq_col"), w("exp_avg_sq"),
-                             (1, 2) if factored else None, beta2=beta2,
-                             eps1=float(group["eps"][0]), flags=flags)
-        clip = clip_coef(u, optional_float(group["clip_threshold"]), u.numel())
+        strategy = self._strategy
+        if item.reduce is not None and item.side == "right":
+            # R holds this rank's rows of [M, r]: Adafactor's row-spanning sums (column
+            # statistics, mean of the row statistics, clipping) over the shards
+            u2, _ = precondition_(R[0], st.get("exp_avg_sq_row"), st.get("exp_avg_sq_col"),
+                                  st.get("exp_avg_sq"), (0, 1) if factored else None,
+                                  beta2=beta2, eps1=float(group["eps"][0]),
+                                  shape=(item.M, R.shape[-1]), reduce=item.reduce, flags=flags)
+            u = u2.unsqueeze(0)
+        else:
+            u, _ = precondition_(R, w("exp_avg_sq_row"), w("exp_avg_sq_col"), w("exp_avg_sq"),
+                                 (1, 2) if factored else None, beta2=beta2,
+                                 eps1=float(group["eps"][0]), flags=flags)
+        # sums over the whole projected gradient / parameter: over the shards when
+        # this rank holds only some of the rows or matrices (FSDP2)
+        spans = strategy.reduce if (item.layout == "batch" or (
+            item.layout == "rows" and item.side == "right")) else None
+        numel = u.numel() if spans is None else (
+            item.B * u[0].numel() if item.layout == "batch" else item.M * u.shape[-1])
+        clip = clip_coef(u, optional_float(group["clip_threshold"]), numel, spans)
         alpha: Any = rho
         if group["scale_parameter"]:  # the RMS of the *full* parameter
             p = item.p.float() if item.p.dtype in _HALF else item.p
-            rms = p.to(stat_dtype(p.dtype)).square().sum().sqrt().div(math.sqrt(max(1, p.numel())))
+            sq = p.to(stat_dtype(p.dtype)).square().sum()
+            total = p.numel()
+            if item.layout is not None:
+                sq = strategy.reduce(sq.reshape(1))[0]  # type: ignore[misc]
+                total = item.key.numel()
+            rms = sq.sqrt().div(math.sqrt(max(1, total)))
             alpha = rms.clamp_min(float(group["eps"][1])) * rho
         coef: Any = alpha if clip is None else clip * alpha
         wd = float(group["weight_decay"])
@@ -163,12 +185,20 @@ class GaLoreAdafactor(GaLoreBase):
             c = self._w(st["exp_avg_sq_col"])   # [b, 1, r2]
             r_new = both(r, AL, None)
             c_new = both(c, None, AR)
-            ratio = r_new.mean(dim=-2, keepdim=True) / r.mean(dim=-2, keepdim=True).clamp_min(1e-38)
+            ratio = self._row_mean(item, r_new) / self._row_mean(item, r).clamp_min(1e-38)
             st["exp_avg_sq_row"].copy_(self._st(flags.select(0, r_new, r), item))
             st["exp_avg_sq_col"].copy_(self._st(flags.select(0, c_new * ratio, c), item))
         else:
             v = self._w(st["exp_avg_sq"])
             st["exp_avg_sq"].copy_(self._st(flags.select(0, both(v, AL, AR), v), item))
+
+    @staticmethod
+    def _row_mean(item: Item, r: Tensor) -> Tensor:
+        """Mean of the row statistics ``[b, r1, 1]`` over the rows (over the shards when
+        they are this rank's rows of a right projection)."""
+        if item.reduce is None or item.side != "right":
+            return r.mean(dim=-2, keepdim=True)
+        return item.reduce(r.sum(dim=-2, keepdim=True).contiguous()) / item.M
 
     def _inner_reset(self, group: dict[str, Any], item: Item, flags: StepFlags) -> None:
         # not conditioned on the flags: the CPU step counter restarts with the statistics

@@ -16,10 +16,11 @@ from torch import Tensor
 from ...linalg.projectors import transport_moments
 from .._adamw import adamw_states_, init_adam_state
 from .._common import _as_float, _GroupChecker
+from .._distributed import local_tensor
 from .._nonfinite import StepFlags
 from .._state import compute_dtype, load_moment, store_moment, zero_moment
 from ..functional.adam import adam_direction, adam_moments_
-from ._base import GaLoreBase, galore_defaults
+from ._base import GaLoreBase, galore_defaults, like_param
 from ._item import Item
 
 __all__ = ["GaLoreAdamW"]
@@ -116,8 +117,6 @@ class GaLoreAdamW(GaLoreBase):
                                            proj_dtype, nonfinite, state_dtype))
         super().__init__(params, defaults)
 
-    _shardable_inner = True  # runs on FSDP2 row shards (right projections)
-
     def _check_inner(self, check: _GroupChecker) -> None:
         check.number("lr", low=0.0)
         check.betas("betas")
@@ -133,12 +132,25 @@ class GaLoreAdamW(GaLoreBase):
                     grads: list[Tensor], flags: StepFlags) -> None:
         states = [self.state[k] for k in keys]
         for k, st in zip(keys, states):
-            if "exp_avg" not in st:  # like the parameter: a DTensor under FSDP2
+            if "exp_avg" in st:
+                continue
+            if group["state_dtype"] is not None and self._strategy.sharded:
+                # a format other than the parameter's: created on the local shard,
+                # sharded like the parameter
+                init_adam_state(st, self._strategy.local(k), group["state_dtype"])
+                for key in [x for x in st if x != "step"]:
+                    st[key] = like_param(st[key], k, self._strategy.world)
+            else:  # like the parameter: a DTensor under FSDP2
                 init_adam_state(st, k, group["state_dtype"])
+        if group["state_dtype"] is not None and self._strategy.sharded:
+            # local views (sharing storage: the formats' in-place writes land in the shards)
+            states = [{key: local_tensor(v) if isinstance(v, Tensor) else v
+                       for key, v in st.items()} for st in states]
         adamw_states_(params, grads, states, group["state_dtype"], flags=flags,
                       **self._adam_kw(group))
 
-    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor) -> None:
+    def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor,
+                    whole: tuple[int, ...]) -> None:
         init_adam_state(state, like, group["state_dtype"])
 
     def _moments(self, item: Item, like: Tensor) -> tuple[Tensor, Tensor]:
