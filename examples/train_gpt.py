@@ -60,8 +60,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float,
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False)
     if name == "soap":
-        from matrixopt.optim import SOAP, soap_param_groups
-        return SOAP(soap_param_groups(model), lr=lr, weight_decay=weight_decay,
+        # every >= 2-D tensor (embeddings, head too) preconditioned, as the peers do:
+        # better than routing them to AdamW in benchmarks/bench_kronecker.py
+        from matrixopt.optim import SOAP
+        return SOAP(_decay_groups(model, weight_decay), lr=lr, weight_decay=weight_decay,
                     betas=(0.9, 0.95), precondition_frequency=10)
     raise ValueError(f"unknown optimizer {name!r}; choose from {AVAILABLE}")
 
