@@ -105,8 +105,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
                                     betas=(0.9, 0.95), rank_fraction=0.25,
                                     adjust_lr="match_rms_adamw", **sd)
     if name == "soap":
-        from matrixopt.optim import SOAP, soap_param_groups
-        return SOAP(soap_param_groups(model), lr=lr, weight_decay=weight_decay,
+        # every >= 2-D tensor (embeddings, head too) preconditioned, as the peers do:
+        # better than routing them to AdamW in benchmarks/bench_kronecker.py
+        from matrixopt.optim import SOAP
+        return SOAP(_decay_groups(model, weight_decay), lr=lr, weight_decay=weight_decay,
                     betas=(0.9, 0.95), precondition_frequency=10, **sd)
     if name == "shampoo":  # Adam-grafted Shampoo on the hidden matrices, AdamW for the rest
         return matrixopt.optim.Shampoo(muon_param_groups(model), lr=lr,
@@ -120,8 +122,7 @@ MUON_OPERATORS = {"muon_auon": "auon", "muon_hybrid_auon": "hybrid_auon", "muon_
 AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW"),
                                                    ("adafactor", "Adafactor"))
                                  if hasattr(matrixopt, attr)]
-AVAILABLE += ["shampoo"]
-AVAILABLE += ["soap"]
+AVAILABLE += ["soap", "shampoo"]
 #: opt-in configurations (not in the default comparison)
 EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion"]
 #: LISA (matrixopt.optim.LISA) in "adamw_lisa": 2 of the blocks trainable, resampled

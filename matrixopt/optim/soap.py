@@ -160,7 +160,6 @@ class SOAP(MatrixOptimizer):
         super().__init__(params, defaults, process_group)
 
     def _check_group(self, check: _GroupChecker) -> None:
-        g = check.group
         check.number("lr", low=0.0)
         check.betas("betas")
         check.number("shampoo_beta", high=1.0, high_open=True)
@@ -173,7 +172,6 @@ class SOAP(MatrixOptimizer):
             check.boolean(k)
         check.choice("algorithm", _ALGORITHMS)
         check_state_dtype(check)
-        del g
 
     @staticmethod
     def _algorithm_for(group: dict[str, Any], p: Tensor) -> str:

@@ -63,15 +63,15 @@ def test_refresh_matches_official_transcription(d: int, seed: int):
     assert ((Q * Q0[:, perm]).sum(-2) >= 0).all()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(d=st.integers(2, 12), seed=st.integers(0, 10_000))
 def test_repeated_refresh_converges_to_eigh(d: int, seed: int):
-    # eigenvalue ratios 0.5 between neighbours: 60 power steps converge to ~1e-15
+    # eigenvalue ratios 0.4 between neighbours: 40 power steps converge to ~1e-16
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
-    A = (U * (0.5 ** torch.arange(d, dtype=torch.float64))) @ U.mT
+    A = (U * (0.4 ** torch.arange(d, dtype=torch.float64))) @ U.mT
     Q = torch.eye(d, dtype=torch.float64)
-    for _ in range(60):
+    for _ in range(40):
         Q, _, _ = eigh_refresh(A, Q)
     _same_up_to_signs(Q, U, 1e-6)
 

@@ -282,11 +282,11 @@ def test_stagger_refresh_spreads_refreshes():
 @pytest.mark.parametrize("sd", ["bf16", "int8"])
 def test_state_dtype_stores_moments_factors_bases(sd):
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(96, 80))
+    p = torch.nn.Parameter(torch.randn(72, 64))  # >= 4096 entries: quantised
     ref = torch.nn.Parameter(p.detach().clone())
     opt, oref = SOAP([p], state_dtype=sd, precondition_frequency=2), SOAP([ref])
     for _ in range(5):
-        gr = torch.randn(96, 80)
+        gr = torch.randn(72, 64)
         p.grad, ref.grad = gr.clone(), gr.clone()
         opt.step()
         oref.step()
