@@ -94,6 +94,10 @@ def make(name: str, model: nn.Module, lr: float, wd: float, f: int) -> Chain:
                      adamw(rest))
     if name == "heavyball KLShampoo":
         import heavyball
+        import heavyball.utils
+        # its kernels are torch.compile'd by default (max-autotune), which fails on this CPU
+        # build inside KLShampoo even with compile_step=False: eager, as the others
+        heavyball.utils.compile_mode = None
         return Chain(heavyball.KLShampoo(hidden, lr=lr, betas=BETAS, weight_decay=wd,
                                          precondition_frequency=f, compile_step=False),
                      adamw(rest))
