@@ -125,15 +125,17 @@ def run(name: str, args: argparse.Namespace, data: CharData) -> dict[str, Any]:
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule(args.steps, 10)) for o in chain.all]
     gen = torch.Generator().manual_seed(0)
     times: list[float] = []
+    cpu: list[float] = []
     ema = float("nan")
     for step in range(args.steps):
         x, y = data.batch("train", args.batch_size, args.seq_len, gen)
         loss = model(x, y)
         chain.zero_grad()
         loss.backward()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         chain.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         for s in scheds:
             s.step()
         ema = float(loss) if step == 0 else 0.9 * ema + 0.1 * float(loss)
@@ -144,6 +146,7 @@ def run(name: str, args: argparse.Namespace, data: CharData) -> dict[str, Any]:
     n_mat = sum(1 for p in _split(model)[0])
     return {"optimizer": name, "matrices": n_mat,
             "step_ms": 1e3 * statistics.median(times[min(3, len(times) - 1):]),
+            "step_cpu_ms": 1e3 * statistics.median(cpu[min(3, len(cpu) - 1):]),
             "state_MB": state_bytes(chain) / 2**20, "train_loss": ema, "val_loss": val}
 
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in rows:
         if ours:
             r["step_time_vs_muon"] = r["step_ms"] / ours["step_ms"]
+            r["step_cpu_vs_muon"] = r["step_cpu_ms"] / ours["step_cpu_ms"]
         if base:
             r["step_time_vs_torch"] = r["step_ms"] / base["step_ms"]
             r["val_loss_vs_torch"] = r["val_loss"] / base["val_loss"]
