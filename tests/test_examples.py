@@ -17,7 +17,7 @@ def test_train_gpt_tiny(tmp_path):
                            "--eval-batches", "1", "--warmup", "2", "--no-plot",
                            "--out", str(tmp_path)])
     names = [r["optimizer"] for r in rows]
-    assert names == ["adamw", "muon", "galore_adamw", "adafactor"]
+    assert names == ["adamw", "muon", "galore_adamw", "adafactor", "dion"]
     for r in rows:
         assert r["val_loss"] == r["val_loss"] and r["val_loss"] < 10  # finite, sane
         assert r["state_MB"] > 0
