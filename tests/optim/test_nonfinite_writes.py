@@ -4,6 +4,8 @@ gradients) and no extra allocation peak over ``nonfinite="ignore"`` on a clean s
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,25 +69,14 @@ def test_momentum_with_flags_is_bit_identical_on_finite_grads(nesterov: bool) ->
 
 
 def _peak(fn: Any) -> int:
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes: list[tuple[int, int]] = []
-
-    def walk(node: Any) -> None:
-        if node.tag == _EventType.Allocation:
-            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for c in node.children:
-            walk(c)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():  # type: ignore[union-attr]
-        walk(root)
-    peak = cur = 0
-    for _, s in sorted(sizes):
-        cur += s
-        peak = max(peak, cur)
-    return peak
+    """The allocator peak of ``fn`` as the benchmarks measure it (bench_lowrank's
+    profiler-event walk, used by bench_nonfinite and bench_memory)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lowrank.py"
+    spec = importlib.util.spec_from_file_location("_bench_lowrank", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return int(mod._allocation_peak(fn))
 
 
 @pytest.mark.parametrize("make", [
