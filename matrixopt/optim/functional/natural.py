@@ -57,7 +57,8 @@ def window_push_(window: Tensor, g: Tensor, slot: int, flags: StepFlags = _OFF) 
 
 
 def natural_direction(g: Tensor, window: Tensor, damping: float,
-                      reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                      reduce: Callable[[Tensor], Tensor] | None = None,
+                      slot: int | None = None) -> Tensor:
     r""":math:`\tilde g = (\lambda I + \Gamma\Gamma^\top)^{-1} g` per matrix (module docstring).
 
     Args:
@@ -65,19 +66,31 @@ def natural_direction(g: Tensor, window: Tensor, damping: float,
         window: ``[b, r1, r2, s]``, the columns of :math:`\Gamma` (zeros where unfilled).
         damping: :math:`\lambda > 0`.
         reduce: ``g`` and ``window`` hold local rows; sums over rows run through it.
+        slot: ``g`` is column ``slot`` of the window (as in the optimizer, which
+            pushes first). Then :math:`g = \Gamma e` and
+            :math:`\tilde g = \Gamma(\lambda I + \Gamma^\top\Gamma)^{-1} e`
+            exactly, with no cancellation of :math:`g - \Gamma w` (which loses
+            float32 digits when :math:`\lambda \ll \|\Gamma\|^2`).
 
     Returns ``[b, r1, r2]`` in the wider of ``g``'s dtype and float32.
     """
     b, r1, r2, s = window.shape
     wt = torch.promote_types(g.dtype, torch.float32)
     G = window.to(wt).reshape(b, r1 * r2, s)
-    x = g.to(wt).reshape(b, r1 * r2, 1)
-    AB = torch.bmm(G.mT, torch.cat([G, x], dim=-1))  # [b, s, s + 1]: ΓᵀΓ | Γᵀg
+    if slot is None:
+        x = g.to(wt).reshape(b, r1 * r2, 1)
+        AB = torch.bmm(G.mT, torch.cat([G, x], dim=-1))  # [b, s, s + 1]: ΓᵀΓ | Γᵀg
+    else:
+        AB = torch.bmm(G.mT, G)  # ΓᵀΓ
     if reduce is not None:
         AB = reduce(AB.contiguous())
     AB = AB.double()
     K = AB[..., :s] + damping * torch.eye(s, dtype=AB.dtype, device=AB.device)
     L = torch.linalg.cholesky_ex(K).L  # no host check: K is SPD (λ > 0)
+    if slot is not None:
+        e = torch.zeros(b, s, 1, dtype=AB.dtype, device=AB.device)
+        e[:, slot] = 1.0
+        return torch.bmm(G, torch.cholesky_solve(e, L).to(wt)).view(b, r1, r2)
     w = torch.cholesky_solve(AB[..., s:], L).to(wt)  # [b, s, 1]
     out = (x - torch.bmm(G, w)).div_(damping)
     return out.view(b, r1, r2)

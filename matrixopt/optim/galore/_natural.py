@@ -78,7 +78,8 @@ def natural_gradient(group: dict[str, Any], item: Item, R: Tensor, flags: StepFl
     st["natural_count"].add_(1)
     # right basis on row shards: ΓᵀΓ and Γᵀg sum over the rows (left/full: replicated)
     reduce = item.reduce if item.side == "right" else None
-    return natural_direction(R, W4, float(group["natural_damping"]), reduce).to(R.dtype)
+    return natural_direction(R, W4, float(group["natural_damping"]), reduce, slot=slot
+                             ).to(R.dtype)
 
 
 def clear_natural_window(item: Item, flags: StepFlags) -> None:
