@@ -22,8 +22,13 @@ from .._state import compute_dtype, load_moment, store_moment, zero_moment
 from ..functional.adam import adam_direction, adam_moments_
 from ._base import GaLoreBase, galore_defaults, like_param
 from ._item import Item
-from ._natural import (check_natural_keys, clear_natural_window, init_natural_state,
-                       natural_defaults, natural_gradient)
+from ._natural import (
+    check_natural_keys,
+    clear_natural_window,
+    init_natural_state,
+    natural_defaults,
+    natural_gradient,
+)
 
 __all__ = ["GaLoreAdamW"]
 
