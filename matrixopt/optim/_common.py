@@ -56,7 +56,7 @@ _TORCH_DEFAULT_KEYS = frozenset({"differentiable"})
 #: save/load (:func:`load_state_keeping_dtypes`).
 CPU_COUNTERS: dict[str, torch.dtype] = {
     "step": torch.float32, "iteration": torch.int64, "refresh_step": torch.int64,
-    "refresh_offset": torch.int64, "seed": torch.int64,
+    "refresh_offset": torch.int64, "seed": torch.int64, "natural_count": torch.int64,
 }
 
 

@@ -71,7 +71,7 @@ _ADAMW = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _MUON = frozenset({"momentum_buffer", "normuon_v"})
 _ADAFACTOR = frozenset({"step", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"})
 _GALORE = frozenset({"projector", "projector_right", "seed", "iteration", "refresh_step",
-                     "refresh_offset", "residual_norm"})
+                     "refresh_offset", "residual_norm", "natural_window", "natural_count"})
 # moments that may be stored as int8 codes + float32 ``<key>_absmax`` (see _state)
 _QUANTISABLE = frozenset({"exp_avg", "exp_avg_sq", "momentum_buffer", "projector",
                           "projector_right"})

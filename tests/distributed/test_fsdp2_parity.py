@@ -63,6 +63,9 @@ EXTRA: list[OptimInfo] = [
       for gran in ("channel", "tensor")],
     OptimInfo("x-adamw-bf16-state", GaLoreAdamW, dict(_G, state_dtype="bf16", residual="fira")),
     OptimInfo("x-adamw-fp32-state", GaLoreAdamW, dict(_G, state_dtype="fp32")),
+    *[OptimInfo(f"x-adamw-natural-{side}", GaLoreAdamW,  # right: a row-sharded window
+                dict(_G, proj_type=side, natural=True, natural_window=3))
+      for side in ("left", "right")],
     OptimInfo("x-adamw-random-left", GaLoreAdamW, dict(_G, projector="random", proj_type="left")),
     OptimInfo("x-adamw-experts-fira", GaLoreAdamW, dict(_G, residual="fira"), problem="experts"),
     OptimInfo("x-adamw-experts-random", GaLoreAdamW, dict(_G, projector="random"),

@@ -190,6 +190,11 @@ REGISTRY: list[OptimInfo] = [
               decrease_to=0.9),  # an r x r core: slower per step
     OptimInfo("galore-adamw-conv", GaLoreAdamW, _GALORE, problem="conv"),
     OptimInfo("galore-adamw-3d-experts", GaLoreAdamW, _GALORE, problem="experts"),
+    # -- Natural GaLore (GaLoreAdamW natural=True): 2-D and a 3-D stack
+    OptimInfo("galore-adamw-natural", GaLoreAdamW,
+              dict(_GALORE, natural=True, natural_window=4)),
+    OptimInfo("galore-adamw-natural-3d-experts", GaLoreAdamW,
+              dict(_GALORE, natural=True, natural_window=3), problem="experts"),
     # -- GaLoreAdafactor ----------------------------------------------------
     OptimInfo("galore-adafactor-default", GaLoreAdafactor, _GALORE_AF, uses_lr=False,
               decrease_steps=60, decrease_to=0.9),

@@ -55,11 +55,12 @@ class Item:
         if self.layout == "batch":
             return True
         if self.side == "right":
-            return key.startswith("exp_avg") and key != "exp_avg_sq_col"
+            return ((key.startswith("exp_avg") and key != "exp_avg_sq_col")
+                    or key == "natural_window")
         return key == "projector"
 
 
-_PLAIN = frozenset(COUNTERS + ("step", "nonfinite_count"))
+_PLAIN = frozenset(COUNTERS + ("step", "nonfinite_count", "natural_count"))
 _ABSMAX = "_absmax"
 
 

@@ -22,6 +22,13 @@ from .._state import compute_dtype, load_moment, store_moment, zero_moment
 from ..functional.adam import adam_direction, adam_moments_
 from ._base import GaLoreBase, galore_defaults, like_param
 from ._item import Item
+from ._natural import (
+    check_natural_keys,
+    clear_natural_window,
+    init_natural_state,
+    natural_defaults,
+    natural_gradient,
+)
 
 __all__ = ["GaLoreAdamW"]
 
@@ -72,6 +79,12 @@ class GaLoreAdamW(GaLoreBase):
             (relative 2^-8).
         nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a
             gradient with NaN/Inf does (see :class:`~matrixopt.optim.Muon`).
+        natural: Natural GaLore (Das 2024): Adam runs on the natural gradient
+            :math:`(\lambda I + \Gamma\Gamma^\top)^{-1} g` of each projected
+            gradient over a window :math:`\Gamma` of its ``natural_window`` most
+            recent ones (default 20), damped by ``natural_damping`` :math:`\lambda`
+            (default 1e-3); see :mod:`._natural`. State ``natural_window``,
+            ``natural_count``.
 
     State of a projected parameter: ``step`` (Adam's counter), ``exp_avg``,
     ``exp_avg_sq`` (projected shape), ``projector`` (and ``projector_right`` for
@@ -109,12 +122,16 @@ class GaLoreAdamW(GaLoreBase):
         proj_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         state_dtype: str | None = None,
+        natural: bool = False,
+        natural_window: int = 20,
+        natural_damping: float = 1e-3,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **galore_defaults(rank, update_proj_gap, scale, proj_type, projector,
                                            on_refresh, residual, residual_granularity,
                                            norm_growth_limit, stagger, seed, matrix_view,
-                                           proj_dtype, nonfinite, state_dtype))
+                                           proj_dtype, nonfinite, state_dtype),
+                        **natural_defaults(natural, natural_window, natural_damping))
         super().__init__(params, defaults)
 
     def _check_inner(self, check: _GroupChecker) -> None:
@@ -122,6 +139,7 @@ class GaLoreAdamW(GaLoreBase):
         check.betas("betas")
         check.number("eps", low=0.0)
         check.number("weight_decay", low=0.0)
+        check_natural_keys(check)
 
     def _adam_kw(self, group: dict[str, Any]) -> dict[str, float]:
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -152,6 +170,7 @@ class GaLoreAdamW(GaLoreBase):
     def _init_inner(self, group: dict[str, Any], state: dict[str, Any], like: Tensor,
                     whole: tuple[int, ...]) -> None:
         init_adam_state(state, like, group["state_dtype"])
+        init_natural_state(group, state, like)
 
     def _moments(self, item: Item, like: Tensor) -> tuple[Tensor, Tensor]:
         """3-D working views of the moments: the stored tensors when native, else
@@ -174,6 +193,8 @@ class GaLoreAdamW(GaLoreBase):
                          ) -> tuple[Tensor, Any, Any]:
         kw = self._adam_kw(group)
         m, v = self._moments(item, R)
+        if group.get("natural", False):
+            R = natural_gradient(group, item, R, flags)
         step = item.state["step"]
         step.add_(1.0)
         adam_moments_([R.to(m.dtype)], [m], [v], kw["beta1"], kw["beta2"], flags)
@@ -186,6 +207,7 @@ class GaLoreAdamW(GaLoreBase):
 
     def _inner_transport(self, group: dict[str, Any], item: Item, Q: Any, flags: StepFlags
                          ) -> None:
+        clear_natural_window(item, flags)
         step = item.state["step"]
         if float(step) == 0:  # a CPU counter: no device read
             return
@@ -200,6 +222,7 @@ class GaLoreAdamW(GaLoreBase):
         self._store(group, item, m, v)
 
     def _inner_reset(self, group: dict[str, Any], item: Item, flags: StepFlags) -> None:
+        clear_natural_window(item, flags)
         # not conditioned on the flags: the CPU step counter restarts with the moments
         zero_moment(item.state, "exp_avg", signed=True)
         zero_moment(item.state, "exp_avg_sq", signed=False)
