@@ -96,6 +96,14 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         d = min(p.shape[-1] for p in model.parameters() if p.ndim == 2)
         return matrixopt.GaLoreAdamW(_galore_groups(model, max(1, d // 4), lr, weight_decay),
                                      lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), **sd)
+    if name == "galore_fira":  # galore_adamw plus Fira's full-rank residual
+        d = min(p.shape[-1] for p in model.parameters() if p.ndim == 2)
+        groups = _galore_groups(model, max(1, d // 4), lr, weight_decay)
+        for g in groups:
+            if "rank" in g:
+                g["residual"] = "fira"
+        return matrixopt.GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay,
+                                     betas=(0.9, 0.95), **sd)
     if name == "adafactor":
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False, beta1=0.9,
@@ -125,7 +133,7 @@ AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW
                                  if hasattr(matrixopt, attr)]
 AVAILABLE += ["soap", "shampoo"]
 #: opt-in configurations (not in the default comparison)
-EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion"]
+EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion", "galore_fira"]
 #: LISA (matrixopt.optim.LISA) in "adamw_lisa": 2 of the blocks trainable, resampled
 #: every 20 steps (LMFlow's scripts); embeddings, final norm and head always train
 LISA_ACTIVE, LISA_PERIOD = 2, 20

@@ -60,7 +60,7 @@ def _official_fira(W0, grads, *, rank, gap, alpha, lr, betas, eps):
         step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         N = exp_avg / (exp_avg_sq.sqrt() + eps)
 
-        def back(X):
+        def back(X, P=P):
             return (X @ P if right else P @ X) * alpha
 
         dim = 0 if N.shape[0] < N.shape[1] else 1
