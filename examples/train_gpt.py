@@ -102,6 +102,14 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
                                      lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
                                      natural=True, natural_window=20, natural_damping=1e-3,
                                      **sd)
+    if name == "galore_fira":  # galore_adamw plus Fira's full-rank residual
+        d = min(p.shape[-1] for p in model.parameters() if p.ndim == 2)
+        groups = _galore_groups(model, max(1, d // 4), lr, weight_decay)
+        for g in groups:
+            if "rank" in g:
+                g["residual"] = "fira"
+        return matrixopt.GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay,
+                                     betas=(0.9, 0.95), **sd)
     if name == "adafactor":
         return matrixopt.Adafactor(_decay_groups(model, weight_decay), lr=lr,
                                    relative_step=False, scale_parameter=False, beta1=0.9,
@@ -131,7 +139,7 @@ AVAILABLE = ["adamw", "muon"] + [n for n, attr in (("galore_adamw", "GaLoreAdamW
                                  if hasattr(matrixopt, attr)]
 AVAILABLE += ["soap", "shampoo"]
 #: opt-in configurations (not in the default comparison)
-EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion", "galore_natural"]
+EXTRA = ["adamw_lisa", *MUON_OPERATORS, "dion", "galore_natural", "galore_fira"]
 #: LISA (matrixopt.optim.LISA) in "adamw_lisa": 2 of the blocks trainable, resampled
 #: every 20 steps (LMFlow's scripts); embeddings, final norm and head always train
 LISA_ACTIVE, LISA_PERIOD = 2, 20

@@ -10,8 +10,11 @@ low-rank direction :math:`N` (Adam or Adafactor on :math:`R`):
 
 with :math:`d` the decay factor, :math:`c` the step multiplier and
 :math:`\alpha` = ``scale``. Residuals: ``"fira"`` (Chen et al. 2024) adds
-:math:`S = G - \mathrm{back}(R)` scaled per channel by the inner optimizer's
-gain :math:`\phi_j = \|N_{:,j}\|/\|R_{:,j}\|`; ``"apollo"`` (Zhu et al. 2025)
+:math:`c\,\phi\,S` with :math:`S = G - \alpha\,\mathrm{back}(R)`, scaled per
+channel by the inner optimizer's gain :math:`\phi_j = \|N_{:,j}\|/\|R_{:,j}\|`
+and not by :math:`\alpha`, exactly as Fira's official code (whose projector's
+map back carries :math:`\alpha`; ``tests/optim/test_fira_official.py``);
+``"apollo"`` (Zhu et al. 2025)
 replaces the update by :math:`G\,\mathrm{diag}(\phi)`. Both apply the norm-growth
 limiter :math:`\|S_t\| \le \gamma\|S_{t-1}\|`. A channel is a column of
 :math:`G` for a left basis and a row for a right basis.
@@ -158,9 +161,11 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
             p.add_(U.reshape(p.shape).to(p.dtype))
     if residual == "fira":
         assert gain is not None
-        S = G.to(N.dtype) - back(R)
+        # as Fira's official code: S = G - α·back(R) (its project_back carries α), and
+        # the residual's step is c·φ·S, without α
+        S = torch.sub(G.to(N.dtype), back(R), alpha=scale)
         S.mul_(gain)
-        S.mul_(limited(norm2(S, rows=True)) * alpha)
+        S.mul_(limited(norm2(S, rows=True)) * flags.weight(0, -c, 0.0, N))
         if p3 is not None and p.dtype == S.dtype:
             p3.add_(S)
         else:

@@ -29,7 +29,9 @@ What differs from galore-torch (the reference implementation):
   them unchanged (galore-torch, stale after a rotation).
 * **residual** (optional): ``"fira"`` (Chen et al. 2024) adds the part of the
   gradient outside the subspace scaled per channel by the inner optimizer's own
-  gain; ``"apollo"`` (Zhu et al., MLSys 2025) replaces the update by the raw
+  gain, as Fira's official code does (``scale`` on the low-rank part only, the
+  residual ``G - scale·P R``; ``tests/optim/test_fira_official.py``);
+  ``"apollo"`` (Zhu et al., MLSys 2025) replaces the update by the raw
   gradient scaled per channel; both with the norm-growth limiter
   (:func:`matrixopt.optim.functional.galore.galore_apply_`).
 * **staggered, batched refresh**: the matrices of each shape in a group are

@@ -198,10 +198,11 @@ class GaLoreAdamW(GaLoreBase):
         step = item.state["step"]
         step.add_(1.0)
         adam_moments_([R.to(m.dtype)], [m], [v], kw["beta1"], kw["beta2"], flags)
-        # the residual gain needs the true direction; otherwise only c·N is used and the
-        # bias corrections go into the multiplier (two elementwise passes fewer)
+        # the bias corrections go into the multiplier (two elementwise passes fewer);
+        # Fira's gain φ = ||N||/||R|| and its norm-growth limiter then see the official
+        # code's uncorrected direction m/(√v + ε√b₂); APOLLO's gain sees the true one
         (N,), (c,) = adam_direction([m], [v], [step], kw["beta1"], kw["beta2"], kw["eps"],
-                                    folded=group["residual"] is None)
+                                    folded=group["residual"] != "apollo")
         self._store(group, item, m, v)
         return N, kw["lr"] * c, 1.0 - kw["lr"] * kw["weight_decay"]
 
