@@ -16,11 +16,12 @@ step, ring algorithms (what each rank sends):
   step, one gradient reduce-scatter): ``2 (w-1)/w`` × padded parameter bytes,
   computed from the shard sizes.
 
-* GaLoreAdamW between refreshes (``--galore-sides``, default std/left/right, rank
+* GaLoreAdamW between refreshes (``--galore-sides``, default std/left/right/routed, rank
   ``d_model/4``, ``update_proj_gap=1000``: one warm-up step does the first refresh
   outside the count): a right projection is local (moments ``G P`` row-sharded), a
   left one all-reduces its ``r × n`` projected gradient, plus the skip flags' one
-  all-reduce per group.
+  all-reduce per group. "routed" is the recommended setup: ``galore_param_groups``
+  (hidden matrices, ``proj_type="std"``; embeddings, head and norms plain AdamW).
 
 The orthogonalisation phase is the local compute of the matrices a rank owns
 (:func:`lpt_assign` plan), timed on each rank while the other ranks time theirs
@@ -61,7 +62,13 @@ from _common import machine_description, median_time, print_table  # noqa: E402
 from gpt import GPT, CharData, GPTConfig  # noqa: E402
 
 from matrixopt.linalg.orthogonalization import orthogonalize  # noqa: E402
-from matrixopt.optim import Adafactor, GaLoreAdamW, Muon, muon_param_groups  # noqa: E402
+from matrixopt.optim import (  # noqa: E402
+    Adafactor,
+    GaLoreAdamW,
+    Muon,
+    galore_param_groups,
+    muon_param_groups,
+)
 from matrixopt.optim._distributed import _batched, count_bytes, lpt_assign, matrix_cost, shard_rows  # noqa: E402
 
 STEPS = 3
@@ -148,8 +155,14 @@ def _job(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -
     for side in args.galore_sides:
         model = _model(args, data.vocab_size)
         fully_shard(model, reshard_after_forward=False)
-        opt = GaLoreAdamW(model.parameters(), lr=1e-3, rank=max(1, args.d_model // 4),
-                          update_proj_gap=1000, proj_type=side)
+        rank_ = max(1, args.d_model // 4)
+        # "routed": the recommended setup, galore_param_groups (hidden matrices projected
+        # with the default proj_type "std"; embeddings, head and norms take plain AdamW)
+        params = (galore_param_groups(model, rank=rank_, update_proj_gap=1000)
+                  if side == "routed" else model.parameters())
+        opt = GaLoreAdamW(params, lr=1e-3, rank=None if side == "routed" else rank_,
+                          update_proj_gap=1000,
+                          proj_type="std" if side == "routed" else side)
         run_steps = STEPS
         run(model, opt)  # the first refresh (and state creation) outside the count
         with count_bytes() as c:
@@ -237,8 +250,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--overlap", action="store_true", help="pipelined vs blocking Muon FSDP2 step")
     p.add_argument("--mats", type=int, default=10, help="--overlap: number of matrices")
     p.add_argument("--repeats", type=int, default=15, help="--overlap: timed steps per mode")
-    p.add_argument("--galore-sides", nargs="*", default=["std", "left", "right"],
-                   help="GaLoreAdamW proj_type values measured between refreshes")
+    p.add_argument("--galore-sides", nargs="*", default=["std", "left", "right", "routed"],
+                   help="GaLoreAdamW proj_type values measured between refreshes ('routed': "
+                        "galore_param_groups, proj_type 'std')")
     p.add_argument("--bytes-only", action="store_true",
                    help="FSDP2 bytes only: skip DDP and the orthogonalisation timing")
     args = p.parse_args(argv)

@@ -104,17 +104,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         r = run(*configs[args.run], args, data)
         (args.out / f"qk_clip_run{args.run}.json").write_text(json.dumps(r))
         return [r]
-    if args.report:
+    if args.report:  # steps above tau counted again with this --tau
         rows = [json.loads((args.out / f"qk_clip_run{i}.json").read_text()) for i in range(3)]
+        for r in rows:
+            r["steps_above_tau"] = sum(m > args.tau for m in r["maxima"])
     else:
         rows = [run(*c, args, data) for c in configs]
     print(f"\ntau = {args.tau:g}, {args.steps} steps, GPT {args.n_layer}x{args.d_model}, "
           f"{args.n_head} heads\n")
-    print("| run | val loss | max logit (all steps) | steps with max logit > tau |")
-    print("|---|---|---|---|")
+    print("| run | val loss | max logit (all steps) | max logit / tau | steps with max logit "
+          "> tau |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['val_loss']:.4f} | {r['max_logit']:.2f} | "
-              f"{r['steps_above_tau']}/{args.steps} |")
+              f"{r['max_logit'] / args.tau:.2f} | {r['steps_above_tau']}/{len(r['maxima'])} |")
     with open(args.out / "qk_clip.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "step", "max_logit"])

@@ -77,7 +77,7 @@ def main() -> None:
     steps[-1] = tuple(c / scale for c in steps[-1])
     print("HARD_CAP = (")
     for s in steps:
-        print(f"    ({s[0]!r}, {s[1]!r}, {s[2]!r}),")
+        print(f"    ({float(s[0])!r}, {float(s[1])!r}, {float(s[2])!r}),")
     print(")")
     y = compose(np.array(steps).ravel(), fine)
     tf = np.minimum(1, fine)

@@ -265,7 +265,7 @@ def sweep(args: argparse.Namespace, data: CharData) -> dict[str, float]:
     every run goes to results/sweep.csv, the best lr per optimizer into tuned_lr.json
     (other entries kept). Returns the chosen lrs."""
     short = argparse.Namespace(**{**vars(args), "steps": args.sweep_steps,
-                                  "warmup": min(args.warmup, args.sweep_steps // 10)})
+                                  "warmup": min(args.warmup, args.sweep_steps // 2)})
     rows = []
     names = [n for n in args.optimizers if not n.endswith("_lisa")]  # LISA: its base's lr
     for name in names:

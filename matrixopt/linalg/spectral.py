@@ -155,24 +155,38 @@ def spectral_cap(W: Tensor, max_sv: float | Tensor = 1.0, *, soft: bool = False,
         Y = _soft_poly(X * f.to(work), A * (f**2).to(work), (a / (c * k) ** 2).to(work))
     else:
         shrink = torch.clamp(HARD_CAP_DOMAIN / s8, max=1.0)
-        Y = _hard_poly(X * shrink.to(work), A * (shrink**2).to(work),
-                       A2 * (shrink**4).to(work), c)
+        Y = _hard_poly(X, A, A2, shrink, c, None if isinstance(max_sv, Tensor)
+                       else float(max_sv))
     Y = Y.to(W.dtype)
     if transposed:
         Y = Y.mT
     return torch.where(inside, W, Y)
 
 
-def _hard_poly(X: Tensor, A: Tensor, A2: Tensor, c: Tensor) -> Tensor:
-    """:data:`HARD_CAP` on ``X`` in the units of ``W`` (cap ``c``): ``b → b/c²``, ``c → c/c⁴``."""
-    inv2 = (1.0 / c**2)
-    for i, (a, b, cc) in enumerate(HARD_CAP):
-        if i:
+def _hard_poly(X: Tensor, A: Tensor, A2: Tensor, shrink: Tensor, c: Tensor,
+               c_host: float | None) -> Tensor:
+    """:data:`HARD_CAP` on ``shrink·X`` in the units of ``W`` (cap ``c``: ``b → b/c²``,
+    ``c → c/c⁴``); ``A = XᵀX`` and ``A2 = A²`` of the unshrunk ``X``. With a host cap
+    (``c_host``) the later steps are fused ``baddbmm`` calls, as in ``orthogonalize``."""
+    inv2 = 1.0 / c**2
+    s2 = shrink**2
+    (a, b, cc), rest = HARD_CAP[0], HARD_CAP[1:]
+    B = A * (b * inv2 * s2).to(X.dtype) + A2 * (cc * inv2**2 * s2**2).to(X.dtype)
+    X = (a * X + X @ B) * shrink.to(X.dtype)
+    if c_host is None:
+        for a, b, cc in rest:
             A = X.mT @ X
-            A2 = A @ A
-        B = (b * inv2).to(X.dtype) * A + (cc * inv2**2).to(X.dtype) * A2
-        X = a * X + X @ B
-    return X
+            B = A * (b * inv2).to(X.dtype) + (A @ A) * (cc * inv2**2).to(X.dtype)
+            X = a * X + X @ B
+        return X
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])
+    i2 = 1.0 / c_host**2
+    for a, b, cc in rest:
+        A = torch.bmm(X.mT, X)
+        B = torch.baddbmm(A, A, A, beta=b * i2, alpha=cc * i2 * i2)
+        X = torch.baddbmm(X, X, B, beta=a)
+    return X.reshape(shape)
 
 
 def _soft_a(r: Tensor) -> Tensor:

@@ -46,8 +46,6 @@ Three ways to record:
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["QKClip"]
+from ._qk_hf import HF_IMPL, install_hf_interface, is_hf_attention
 
-_HF_IMPL = "matrixopt_qkclip"
+__all__ = ["QKClip"]
 
 
 @dataclass
@@ -233,7 +231,7 @@ class QKClip:
             if isinstance(m, nn.MultiheadAttention):
                 self._attach_mha(qual, m)
                 found += 1
-            elif _is_hf_attention(m):
+            elif is_hf_attention(m):
                 self._attach_hf(qual, m)
                 found += 1
         if not found:
@@ -277,11 +275,11 @@ class QKClip:
             raise ValueError(f"QKClip.attach: {qual} ({type(m).__name__}): cannot find its q/k "
                              f"projections (q_proj/k_proj or c_attn); use register()")
         m._matrixopt_qkclip = self  # type: ignore[assignment]
-        _install_hf_interface()
+        install_hf_interface()
         impl = getattr(cfg, "_attn_implementation", None) or "eager"
-        if impl != _HF_IMPL:
+        if impl != HF_IMPL:
             m._matrixopt_qkclip_impl = impl  # type: ignore[assignment]
-            cfg._attn_implementation = _HF_IMPL
+            cfg._attn_implementation = HF_IMPL
 
     # -------------------------------------------------------------- recording
     def _layer(self, key: Any) -> _Layer:
@@ -497,37 +495,3 @@ def _weight(p: _Proj) -> tuple[Tensor, Tensor | None]:
     w = p.weight.narrow(p.dim, p.start, n)
     b = p.bias.narrow(0, p.bias_start, n) if p.bias is not None else None
     return (w if p.dim == 0 else w.t()), b
-
-
-# ----------------------------------------------------------- Hugging Face bridge
-def _is_hf_attention(m: nn.Module) -> bool:
-    mod = type(m).__module__
-    return (mod.startswith("transformers.models.") and type(m).__name__.endswith("Attention")
-            and hasattr(m, "config") and hasattr(m, "head_dim"))
-
-
-def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                  attention_mask: Tensor | None, *args: Any, **kwargs: Any) -> Any:
-    """The attention function installed for attached modules: record, then run the
-    module's original implementation."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    clip: QKClip | None = getattr(module, "_matrixopt_qkclip", None)
-    impl = getattr(module, "_matrixopt_qkclip_impl", "eager")
-    if clip is not None and module in clip._layers:
-        causal = attention_mask is None and query.shape[2] > 1 and bool(
-            getattr(module, "is_causal", False))
-        mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
-        clip.record(module, query, key, scale=kwargs.get("scaling"), causal=causal, mask=mask)
-    if impl == "eager":
-        fn: Callable[..., Any] = sys.modules[type(module).__module__].eager_attention_forward
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[impl]
-    return fn(module, query, key, value, attention_mask, *args, **kwargs)
-
-
-def _install_hf_interface() -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if _HF_IMPL not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(_HF_IMPL, _hf_attention)

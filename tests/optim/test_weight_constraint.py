@@ -51,9 +51,10 @@ def _sigma_max(model: nn.Module) -> float:
 @pytest.mark.parametrize("name", ["muon", "adafactor"])
 @pytest.mark.parametrize("kind", ["spectral_cap", "spectral_soft_cap", "spectral_normalize"])
 def test_every_step_under_the_cap(name: str, kind: str) -> None:
-    free = _model()
-    _train(_make(name, free), free, 5)
-    assert _sigma_max(free) > 1.5 * CAP  # the cap binds: without it σ_max grows past it
+    if kind == "spectral_cap":  # the cap binds: without it σ_max grows past it
+        free = _model()
+        _train(_make(name, free), free, 5)
+        assert _sigma_max(free) > 1.5 * CAP
     model = _model()
     opt = _make(name, model, weight_constraint=kind, max_sv=CAP)
     seen: list[float] = []
