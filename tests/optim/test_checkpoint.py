@@ -23,8 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import matrixopt
 from matrixopt.optim import (
-    Adafactor,
     SOAP,
+    Adafactor,
     CheckpointError,
     Dion,
     GaLoreAdafactor,
