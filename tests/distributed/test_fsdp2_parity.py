@@ -47,9 +47,9 @@ def _core_eps(info: OptimInfo) -> OptimInfo:
     return info
 
 
-#: the registry's configurations of the three classes (proj_type at its default); not
-#: the weight-constraint entries (``*-spectral-*``): a spectral cap needs whole matrices
-#: and is rejected under FSDP2 at construction (tests/optim/test_weight_constraint.py)
+#: the registry's configurations of the three classes (proj_type at its default); the
+#: spectral weight constraints need whole matrices and are rejected under FSDP2 with a
+#: GroupError (tests/optim/test_weight_constraint.py), so their entries are left out
 CONFIGS: list[OptimInfo] = [_core_eps(i) for i in REGISTRY
                             if i.cls in (GaLoreAdamW, GaLoreAdafactor, Adafactor)
                             and "spectral" not in i.name]
