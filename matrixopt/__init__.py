@@ -3,12 +3,18 @@
 from . import linalg, optim
 from .linalg import orthogonalize, polar, randomized_svd
 from .optim import (
+    LISA,
+    SOAP,
     Adafactor,
+    Dion,
     GaLoreAdafactor,
     GaLoreAdamW,
     Muon,
+    QKClip,
+    Shampoo,
     galore_param_groups,
     muon_param_groups,
+    soap_param_groups,
 )
 
 
@@ -30,4 +36,5 @@ __version__ = _installed_version()
 
 __all__ = ["Muon", "GaLoreAdamW", "GaLoreAdafactor", "Adafactor", "muon_param_groups",
            "orthogonalize", "polar", "randomized_svd", "linalg", "optim", "__version__",
-           "galore_param_groups"]
+           "galore_param_groups", "SOAP", "Shampoo", "Dion", "LISA", "QKClip",
+           "soap_param_groups"]

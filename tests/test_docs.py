@@ -60,7 +60,8 @@ _ROW = re.compile(r"^\| `(\w+)` \| `([^`]*)` \|", flags=re.MULTILINE)
 
 
 @pytest.mark.parametrize("cls", [matrixopt.Muon, matrixopt.GaLoreAdamW, matrixopt.GaLoreAdafactor,
-                                 matrixopt.Adafactor], ids=lambda c: c.__name__)
+                                 matrixopt.Adafactor, matrixopt.SOAP, matrixopt.Shampoo,
+                                 matrixopt.Dion], ids=lambda c: c.__name__)
 def test_reference_lists_every_group_key_with_its_default(cls):
     sections = _sections((DOCS / "optimizers.md").read_text())
     assert cls.__name__ in sections, f"optimizers.md has no '## {cls.__name__}' section"

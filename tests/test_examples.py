@@ -1,6 +1,7 @@
 """The main job (examples/train_gpt.py) runs end to end on a tiny configuration."""
 
 import csv
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_train_gpt_tuned_lrs_fall_back_to_the_default_for_unknown_names(tmp_path
 def test_train_gpt_sweep_records_every_run_and_writes_the_best_lr(tmp_path):
     train_gpt = _train_gpt()
     tuned = tmp_path / "tuned.json"
-    tuned.write_text(json.dumps({"default": 3e-3, "lr": {"muon": 5e-3}}))
+    tuned.write_text(json.dumps({"default": 3e-3, "lr": {"muon": 5e-3},
+                                 "not_swept": {"adamw": "hand-set", "muon": "hand-set"}}))
     train_gpt.main(TINY + ["--optimizers", "adamw", "--sweep", "--sweep-steps", "2", "--tuned",
                            str(tuned), "--out", str(tmp_path)])
     with open(tmp_path / "sweep.csv") as f:
@@ -70,6 +72,20 @@ def test_train_gpt_sweep_records_every_run_and_writes_the_best_lr(tmp_path):
     best = min(runs, key=lambda r: float(r["val_loss"]))
     doc = json.loads(tuned.read_text())
     assert doc["lr"] == {"muon": 5e-3, "adamw": float(best["lr"])}  # others kept
+    assert doc["not_swept"] == {"muon": "hand-set"}  # the swept name's note is gone
+
+
+def test_train_gpt_every_optimizer_lr_lives_in_tuned_lr_json():
+    """The one place of the main job's learning rates: no name falls back to the default,
+    and the command line has no lr of its own."""
+    train_gpt = _train_gpt()
+    doc = json.loads(train_gpt.TUNED.read_text())
+    names = [n for n in train_gpt.AVAILABLE + train_gpt.EXTRA if not n.endswith("_lisa")
+             and n not in train_gpt.MUON_OPERATORS]  # LISA: its base's lr; the Muon
+    # operator variants run at the file's default until swept
+    assert sorted(set(names) - set(doc["lr"])) == []
+    assert set(doc.get("not_swept", {})) <= set(doc["lr"])
+    assert "dion=" not in inspect.getsource(train_gpt.main)
 
 
 def test_train_gpt_ddp_single_process_checkpoint_roundtrip(tmp_path):

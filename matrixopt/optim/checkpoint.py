@@ -73,8 +73,21 @@ _ADAFACTOR = frozenset({"step", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"
 _GALORE = frozenset({"projector", "projector_right", "seed", "iteration", "refresh_step",
                      "refresh_offset", "residual_norm", "natural_window", "natural_count"})
 # moments that may be stored as int8 codes + float32 ``<key>_absmax`` (see _state)
+_SHAMPOO = frozenset({"step", "factor_L", "inv_root_L", "factor_R", "inv_root_R", "exp_avg",
+                      "graft_sq", "root_fallbacks"})
+_DION = frozenset({"momentum_buffer", "Q"})
+# moments that may be stored as int8 codes + float32 ``<key>_absmax`` (see _state)
 _QUANTISABLE = frozenset({"exp_avg", "exp_avg_sq", "momentum_buffer", "projector",
-                          "projector_right"})
+                          "projector_right", "graft_sq"})
+
+
+def _soap_keys(p: Tensor) -> frozenset[str]:
+    """SOAP's keys on a preconditioned parameter: the Adam moments in the eigenbasis, one
+    factor and basis per preconditioned dim (at most ``p.ndim``; all quantisable), the
+    refresh-fallback counter."""
+    dims = [f"{k}_{i}" for i in range(max(p.ndim, 1)) for k in ("factor", "basis")]
+    return frozenset({"step", "exp_avg", "exp_avg_sq", "refresh_fallbacks", *dims,
+                      *(d + _ABSMAX for d in dims)})
 
 
 def _with_absmax(keys: frozenset[str]) -> frozenset[str]:
@@ -83,12 +96,24 @@ def _with_absmax(keys: frozenset[str]) -> frozenset[str]:
 
 def _path(opt: MatrixOptimizer, group: dict[str, Any], p: Tensor) -> str:
     """Which update reads the parameter's state: a name used in messages."""
+    from .dion import Dion
     from .galore import GaLoreAdafactor, GaLoreAdamW
     from .muon import Muon
+    from .shampoo import Shampoo
+    from .soap import SOAP
 
     if isinstance(opt, Muon):
         return "Muon's orthogonalised update" if Muon._algorithm_for(group, p) == "muon" \
             else "Muon's AdamW path"
+    if isinstance(opt, SOAP):
+        return "SOAP's preconditioned update" if SOAP._algorithm_for(group, p) == "soap" \
+            else "SOAP's AdamW path"
+    if isinstance(opt, Shampoo):
+        return "Shampoo's preconditioned update" \
+            if Shampoo._algorithm_for(group, p) == "shampoo" else "Shampoo's AdamW path"
+    if isinstance(opt, Dion):
+        return "Dion's low-rank orthonormal update" if opt._is_dion(group, p) \
+            else "Dion's AdamW path"
     if isinstance(opt, GaLoreAdamW):
         return "GaLoreAdamW"
     if isinstance(opt, GaLoreAdafactor):
@@ -100,11 +125,22 @@ def state_keys(opt: MatrixOptimizer, group: dict[str, Any], p: Tensor) -> frozen
     """The state keys ``opt`` reads or writes for ``p`` in ``group`` (``None``: unknown
     optimizer, no check)."""
     from .adafactor import Adafactor
+    from .dion import Dion
     from .galore import GaLoreAdafactor, GaLoreAdamW
     from .muon import Muon
+    from .shampoo import Shampoo
+    from .soap import SOAP
 
     if isinstance(opt, Muon):
         return _with_absmax(_MUON if Muon._algorithm_for(group, p) == "muon" else _ADAMW)
+    if isinstance(opt, SOAP):
+        return _with_absmax(_soap_keys(p) if SOAP._algorithm_for(group, p) == "soap"
+                            else _ADAMW)
+    if isinstance(opt, Shampoo):
+        return _with_absmax(_SHAMPOO if Shampoo._algorithm_for(group, p) == "shampoo"
+                            else _ADAMW)
+    if isinstance(opt, Dion):
+        return _with_absmax(_DION if opt._is_dion(group, p) else _ADAMW)
     if isinstance(opt, GaLoreAdamW):
         return _with_absmax(_ADAMW | _GALORE)
     if isinstance(opt, GaLoreAdafactor):
@@ -118,13 +154,25 @@ def _expected_shapes(opt: MatrixOptimizer, group: dict[str, Any], p: Tensor
                      ) -> dict[str, tuple[int, ...]]:
     """Shapes the state of ``p`` must have (only where they follow from ``p`` alone)."""
     from .adafactor import Adafactor, factored_dims, second_moment_shapes
+    from .dion import Dion
     from .muon import Muon
+    from .shampoo import Shampoo
+    from .soap import SOAP
 
     shape = tuple(p.shape)
+    adam = {"exp_avg": shape, "exp_avg_sq": shape}
     if isinstance(opt, Muon):
         if Muon._algorithm_for(group, p) == "muon":
             return {"momentum_buffer": shape}
-        return {"exp_avg": shape, "exp_avg_sq": shape}
+        return adam
+    if isinstance(opt, SOAP):
+        return adam  # factors/bases: square, sized by merge_dims/max_precond_dim
+    if isinstance(opt, Shampoo):
+        if Shampoo._algorithm_for(group, p) == "shampoo":
+            return {"exp_avg": shape, "graft_sq": shape}  # factors: blocked, see block_layout
+        return adam
+    if isinstance(opt, Dion):
+        return {"momentum_buffer": shape} if opt._is_dion(group, p) else adam
     if isinstance(opt, Adafactor):
         d = factored_dims(shape, int(group["min_dim_size_to_factor"]))
         return {"exp_avg": shape, **second_moment_shapes(shape, d)}

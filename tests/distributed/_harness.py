@@ -163,7 +163,8 @@ SHARED_LAUNCH = {"muon": "test_muon_distributed", "lowrank": "test_lowrank_distr
                  "parity": "test_fsdp2_parity", "operators": "test_operators_distributed",
                  "shampoo": "test_shampoo_distributed",
                  "muon_pipeline": "test_muon_pipeline_distributed",
-                 "adafactor_int8": "test_adafactor_int8_distributed"}
+                 "adafactor_int8": "test_adafactor_int8_distributed",
+                 "soap": "test_soap_distributed", "dion": "test_dion_distributed"}
 
 
 def all_jobs(rank: int, world: int, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Dion under DDP and FSDP2 on 2 gloo processes vs one process; bytes; DCP checkpoints.
 
-One spawned 2-process job runs every scenario (process start-up dominates) and
-saves its results; the tests compare them with single-process runs done here.
+The module's 2-process job (in the shared launch, ``_harness.SHARED_LAUNCH``) runs
+every scenario and saves its results; the tests compare them with single-process
+runs done here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import STEPS, full_params, launch, make_model, train_step
+from _harness import STEPS, full_params, make_model, train_step
 
 from matrixopt.optim import Dion
 from matrixopt.optim._distributed import count_bytes, lpt_assign
@@ -110,10 +111,9 @@ def _job(rank: int, world: int, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("dion_dist")
-    launch(_job, out, world=2, timeout=150.0)
-    return torch.load(out / "res.pt", weights_only=False)
+def results(dist_out: Path) -> dict:
+    """This module's part of the one 2-process launch (``_harness.all_jobs``)."""
+    return torch.load(dist_out / "dion" / "res.pt", weights_only=False)
 
 
 def _single(**kw: object) -> tuple[list[float], dict[str, torch.Tensor], Dion]:

@@ -2,7 +2,7 @@
 
 FSDP2: the whole gradient is assembled by one all-reduce per tensor (the factors need
 GGᵀ over all rows), SOAP's state is whole on every rank, the refreshes are split over
-the ranks. The job runs in its own 2-process launch (``_harness.launch``).
+the ranks. The job runs in the shared 2-process launch (``_harness.SHARED_LAUNCH``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import full_params, launch, local_batch, make_model, train_step
+from _harness import full_params, local_batch, make_model, train_step
 
 from matrixopt.optim import SOAP
 
@@ -38,27 +38,29 @@ def _job(rank: int, world: int, out: Path) -> None:
         return real(A, Q)
 
     soap_mod.eigh_refresh = counting  # type: ignore[assignment]
-    model = make_model()
-    fully_shard(model)
-    opt = SOAP(model.parameters(), **KW)
-    res["fsdp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
-    res["fsdp_params"] = full_params(model)
-    res["fsdp_refreshed"] = sum(refreshed)
-    refreshed.clear()
-    model = DDP(make_model())
-    opt = SOAP(model.parameters(), process_group=dist.group.WORLD, **KW)
-    res["ddp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
-    res["ddp_params"] = full_params(model)
-    res["ddp_refreshed"] = sum(refreshed)
-    soap_mod.eigh_refresh = real
+    try:  # the launch is shared with other modules' jobs: always restore
+        model = make_model()
+        fully_shard(model)
+        opt = SOAP(model.parameters(), **KW)
+        res["fsdp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        res["fsdp_params"] = full_params(model)
+        res["fsdp_refreshed"] = sum(refreshed)
+        refreshed.clear()
+        model = DDP(make_model())
+        opt = SOAP(model.parameters(), process_group=dist.group.WORLD, **KW)
+        res["ddp_losses"] = [train_step(model, opt, s, rank, world) for s in range(STEPS)]
+        res["ddp_params"] = full_params(model)
+        res["ddp_refreshed"] = sum(refreshed)
+    finally:
+        soap_mod.eigh_refresh = real
     torch.save(res, out / f"soap-{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("soap_dist")
-    launch(_job, out, world=2, timeout=150.0)
-    return [torch.load(out / f"soap-{r}.pt", weights_only=False) for r in range(2)]
+def results(dist_out: Path) -> list[dict]:
+    """This module's part of the one 2-process launch (``_harness.all_jobs``)."""
+    return [torch.load(dist_out / "soap" / f"soap-{r}.pt", weights_only=False)
+            for r in range(2)]
 
 
 def _single() -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -253,6 +253,7 @@ REGISTRY: list[OptimInfo] = [
       for name, kw, problem, params in (
           ("default", {}, "mlp", None),
           ("blocked-newton-rmsprop", {"max_preconditioner_dim": 3, "root_method": "newton",
+                                      "newton_iters": 12,
                                       "grafting": "rmsprop"}, "mlp", None),
           ("mkor-3d-experts-blocked", {"inverse_update": "mkor", "max_preconditioner_dim": 4},
            "experts", None),

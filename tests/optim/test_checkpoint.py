@@ -23,13 +23,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import matrixopt
 from matrixopt.optim import (
+    SOAP,
     Adafactor,
     CheckpointError,
+    Dion,
     GaLoreAdafactor,
     GaLoreAdamW,
     GroupError,
     Muon,
     NonFiniteGradientError,
+    Shampoo,
     from_hf_adafactor,
     from_torch_adafactor,
     merge_state_dicts,
@@ -66,6 +69,10 @@ MAKERS = {
                                                      "update_proj_gap": 2},
                                                     {"params": ps[1:]}]),
     "adafactor": lambda ps: Adafactor(ps),
+    "soap": lambda ps: SOAP(ps, lr=1e-2, precondition_frequency=2),
+    "shampoo": lambda ps: Shampoo(ps, lr=1e-2, precondition_frequency=2,
+                                  start_preconditioning_step=1),
+    "dion": lambda ps: Dion(ps, lr=0.02, rank=2),
 }
 SHAPES = ((8, 6), (6,))
 
@@ -321,15 +328,47 @@ def test_unknown_state_key_and_non_tensor_are_rejected(name):
         MAKERS[name](ps).load_state_dict(bad)
 
 
-@pytest.mark.parametrize("name", ["muon", "adafactor"])
+_MOMENT = {"muon": "momentum_buffer", "adafactor": "exp_avg_sq_row", "soap": "exp_avg_sq",
+           "shampoo": "graft_sq", "dion": "momentum_buffer"}
+
+
+@pytest.mark.parametrize("name", _MOMENT)
 def test_wrong_moment_shape_is_rejected(name):
     ps = params(*SHAPES)
     opt = MAKERS[name](ps)
     run(opt, ps, 1)
     sd = opt.state_dict()
-    key = "momentum_buffer" if name == "muon" else "exp_avg_sq_row"
+    key = _MOMENT[name]
     sd["state"][0][key] = sd["state"][0][key].reshape(-1)
     with pytest.raises(CheckpointError, match=f"'{key}' has shape"):
+        MAKERS[name](ps).load_state_dict(sd)
+
+
+@pytest.mark.parametrize(("name", "key", "path"), [
+    ("soap", "momentum_buffer", "SOAP's preconditioned update"),
+    ("shampoo", "exp_avg_sq", "Shampoo's preconditioned update"),
+    ("dion", "exp_avg", "Dion's low-rank orthonormal update"),
+    ("soap", "factor_0", "SOAP's AdamW path"),
+    ("dion", "Q", "Dion's AdamW path")])
+def test_another_paths_state_key_is_rejected(name, key, path):
+    """A key that exists, but on the other path (a matrix's AdamW moment, a vector's
+    preconditioner factor), names the path that would never read it."""
+    ps = params(*SHAPES)
+    opt = MAKERS[name](ps)
+    run(opt, ps, 2)
+    sd = opt.state_dict()
+    pid = 1 if "AdamW" in path else 0
+    sd["state"][pid][key] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=f"'{key}', which {path} does not use"):
+        MAKERS[name](ps).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", ["soap", "shampoo", "dion"])
+def test_unknown_group_key_is_rejected_by_the_new_optimizers(name):
+    ps = params(*SHAPES)
+    sd = MAKERS[name](ps).state_dict()
+    sd["param_groups"][0]["dampening"] = 0.0
+    with pytest.raises(CheckpointError, match=r"param_groups\[0\].*'dampening'"):
         MAKERS[name](ps).load_state_dict(sd)
 
 

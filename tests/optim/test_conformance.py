@@ -42,10 +42,19 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from matrixopt.optim import Adafactor, GaLoreAdafactor, GaLoreAdamW, GroupError, Muon
+from matrixopt.optim import (
+    SOAP,
+    Adafactor,
+    Dion,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GroupError,
+    Muon,
+    Shampoo,
+)
 
 IDS = [i.name for i in REGISTRY]
-CLASSES = [Muon, GaLoreAdamW, GaLoreAdafactor, Adafactor]
+CLASSES = [Muon, GaLoreAdamW, GaLoreAdafactor, Adafactor, SOAP, Shampoo, Dion]
 
 
 @pytest.fixture(autouse=True, scope="module")
