@@ -99,7 +99,12 @@ def test_int8_momentum_under_fsdp2_equals_one_process(results: dict) -> None:
     for k, (codes, scales) in mom.items():
         got_codes, got_scales = results["momenta"][k]
         assert got_scales.shape == scales.shape, k
-        torch.testing.assert_close(got_scales, scales, rtol=1e-5, atol=1e-9, msg=k)
+        # each scale is the max of a few entries of a momentum whose gradients the ranks
+        # sum in another order (and the reference runs on 1 thread under xdist, 2 alone):
+        # fp32 summation order alone moves a scale by up to 1.7e-5 relative after 4 steps
+        # (1 vs 2 vs 4 threads in one process), so the bound is the state bound of
+        # test_fsdp2_parity.py; the layout itself is checked exactly in test_quant_rows.py
+        torch.testing.assert_close(got_scales, scales, rtol=1e-4, atol=1e-9, msg=k)
         # a code may differ only where fp32 rounding moved a value across a rounding edge
         assert (got_codes != codes).float().mean() < 1e-3, k
     assert results["sharded"]
