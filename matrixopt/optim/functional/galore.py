@@ -94,7 +94,12 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
         shape3: ``(b, m, n)`` of ``p``'s local matrices.
         side: ``"left"``, ``"right"`` or ``"both"``.
         back: maps a low-rank tensor to ``[b, m, n]`` (the basis products).
-        c, d: step multiplier and decay factor (numbers or 0-dim tensors).
+        c, d: step multiplier and decay factor (numbers or 0-dim tensors). ``c`` is
+            never part of the direction: the residual gain and the limiter see ``N``
+            alone, whatever ``c``'s type (a step-count multiplier is a number eagerly
+            and a tensor under ``torch.compile``, and both must give the same update);
+            a data-dependent multiplier the gain should see (Adafactor's clipping) is
+            folded into ``N`` by the caller.
         residual_norm: the limiter's previous norms ``[b]`` (updated in place).
         basis: the basis when one GEMM can add ``P N`` / ``N Pᵀ`` into ``p`` directly
             (same dtype, one side), else ``None`` (``back`` is used).
@@ -104,10 +109,6 @@ def galore_apply_(p: Tensor, G: Tensor, R: Tensor, N: Tensor, *, shape3: tuple[i
     """
     b, m, n = shape3
     p3 = p.view(b, m, n) if p.is_contiguous() else None
-    if isinstance(c, Tensor):
-        # a tensor multiplier (Adafactor's clipped step) is part of the direction: the
-        # residual gain and the limiter see c·N
-        N, c = N * c.to(N.dtype), 1.0
     alpha = flags.weight(0, -c * scale, 0.0, N)
     decay = flags.weight(0, d, 1.0, p)
     gain = None

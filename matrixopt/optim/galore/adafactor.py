@@ -153,6 +153,13 @@ class GaLoreAdafactor(GaLoreBase):
             if not native:
                 store_moment(st, "exp_avg", self._st(buf, item), sd, signed=True)
             return buf.to(u.dtype), 1.0, decay
+        if clip is not None or group["scale_parameter"]:
+            # the clipped / parameter-scaled step (data-dependent, a tensor in every
+            # mode) is part of the direction: the residual gain and the limiter see
+            # coef·u. The plain step size rho stays a multiplier: folding by its type
+            # (a number eagerly, a tensor under torch.compile) made compiled runs
+            # differ from eager ones
+            return u * coef.to(u.dtype), 1.0, decay
         return u, coef, decay
 
     def _inner_transport(self, group: dict[str, Any], item: Item, Q: Any, flags: StepFlags
