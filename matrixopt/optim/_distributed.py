@@ -49,7 +49,7 @@ rank sends to the others, an all-reduce of :math:`S` bytes moves :math:`2(w-1)S/
 **Adafactor and GaLoreAdamW under FSDP2** keep their statistics on the local
 shards and reduce only small matrices over the mesh (:func:`all_reduce_sum`, the
 ``reduce`` of :class:`~matrixopt.optim._dist.FSDP2Rows`): see
-:mod:`matrixopt.optim.functional.adafactor` and :func:`sharded_right_basis` (the
+:mod:`matrixopt.optim.functional.adafactor` and :func:`row_shards` (the
 projector refresh). The refresh is linalg's own range finder
 (:func:`~matrixopt.linalg.projectors.lowrank_basis` with ``shards=``): this module
 only supplies its hooks, :func:`row_shards` (sums and maxima by ``all_reduce``, the
@@ -72,7 +72,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..linalg import projectors
 from ..linalg.projectors import RowShards
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = ["lpt_assign", "matrix_cost", "shard_rows", "DistContext", "resolve_context",
            "local_tensor", "distributed_orthogonalize", "count_bytes", "all_reduce_sum",
-           "sharded_right_basis", "row_shards", "all_reduce_max", "payload_dtype",
+           "row_shards", "all_reduce_max", "payload_dtype",
            "fsdp_rounds", "all_gather_rows", "blocks_follow_shards"]
 
 _COUNTERS: list[dict[str, int]] = []
@@ -506,28 +505,3 @@ def row_shards(ctx: DistContext, rows: int) -> RowShards:
                      reduce_max=functools.partial(all_reduce_max, ctx=ctx),
                      qr=functools.partial(_tsqr, ctx=ctx, chunk=chunk))
 
-
-def sharded_right_basis(ctx: DistContext, G: Tensor, rows: int, rank: int, *, method: str,
-                        previous: Tensor | None, seed: int | torch.Generator,
-                        dtype: torch.dtype | None, n_iter: int | None = None,
-                        oversample: int | None = None, align: bool = True,
-                        check_finite: bool = False) -> Tensor:
-    r""":func:`~matrixopt.linalg.projectors.lowrank_basis` with ``side="right"`` for a
-    gradient sharded over its rows (FSDP2 ``Shard(0)``); replicated ``[b, n, rank]`` result.
-
-    ``G`` holds this rank's rows ``[b, m_loc, n]`` of ``[b, rows, n]``. This is
-    linalg's range finder itself, called with this rank's block and the
-    :func:`row_shards` hooks (all-reduces and :func:`_tsqr` over ``ctx``'s group):
-    with :math:`A = G^	op` every product it needs is local or a sum over ranks of
-    an ``n × s`` matrix, the QR of a row-sharded ``rows × s`` matrix is a TSQR (an
-    ``all_reduce`` of ``world·s × s``), the Gaussian sketch of the row side is
-    drawn whole from the same seed on every rank and sliced, and the
-    rescaling of extreme inputs takes one ``all_reduce`` (max) of ``b`` scalars.
-    So every method and option (``n_iter``, ``oversample``, ``align``) behaves as
-    in one process: same result up to rounding (QR factors differ only by column
-    signs, which the Rayleigh–Ritz rotation and the sign convention remove).
-    """
-    return projectors.lowrank_basis(
-        G, rank, method=method, side="right", previous=previous,  # type: ignore[arg-type]
-        n_iter=n_iter, oversample=oversample, seed=seed, align=align, dtype=dtype,
-        check_finite=check_finite, shards=row_shards(ctx, rows))

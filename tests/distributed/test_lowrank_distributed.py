@@ -186,12 +186,12 @@ def _job(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from matrixopt.linalg import projectors as lr_projectors
     from matrixopt.linalg.projectors import lowrank_basis
     from matrixopt.optim._distributed import (
         resolve_context,
         row_shards,
         shard_rows,
-        sharded_right_basis,
     )
 
     res: dict[str, object] = {}
@@ -208,8 +208,10 @@ def _job(rank: int, world: int, out: Path) -> None:
         local = G[:, rank * chunk:rank * chunk + counts[rank]]
         calls: list = []
         with _spy_range_finder(calls):
-            res["basis", case] = sharded_right_basis(ctx, local, rows, r, method=method,
-                                                     previous=prev, seed=7, dtype=None, **opts)
+            # looked up at call time, so the spy sees it (as the optimizer's refresh does)
+            res["basis", case] = lr_projectors.lowrank_basis(
+                local, r, method=method, side="right", previous=prev, seed=7, dtype=None,
+                shards=row_shards(ctx, rows), **opts)
         res["basis_calls", case] = calls
     for case in LEFT_CASES:
         b, rows, n, r, method, warm, _ = case
